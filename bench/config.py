@@ -1,0 +1,130 @@
+"""Structured configs (typed schemas) for the Hydra entry point.
+
+Registered in Hydra's ConfigStore so that a wrong type or an unknown key fails at
+composition time (struct mode), before any model is built. The YAML files under
+``conf/`` extend these schemas; the config group *is* the registry of models and
+samplers (a new model is a new YAML file).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class HarnessError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+class Schedule(str, Enum):
+    uniform = "uniform"
+    nonuniform = "nonuniform"
+    none = "none"
+
+
+class Weights(str, Enum):
+    pretrained = "pretrained"
+    random = "random"
+
+
+class Mode(str, Enum):
+    full = "full"  # generate (baseline + cached), quality metrics, cost
+    cost = "cost"  # no weights needed: schedule, MACs, timing
+    generate = "generate"  # images only
+
+
+@dataclass
+class CacheConfig:
+    """DeepCache settings. ``branch``/``center``/``power`` left null take the model's defaults."""
+
+    interval: int = 1
+    branch: Optional[int] = None
+    schedule: Schedule = Schedule.uniform
+    center: Optional[float] = None
+    power: Optional[float] = None
+
+
+@dataclass
+class NonUniformParams:
+    center: float = 15.0
+    power: float = 1.4
+
+
+@dataclass
+class ModelConfig:
+    """One model: where its weights come from and the paper's defaults for it."""
+
+    name: str = MISSING
+    family: str = MISSING  # ddpm | ldm | sd | digits (labels only, never branched on)
+    unet_class: str = MISSING  # e.g. diffusers.UNet2DModel
+    pretrained: str = MISSING  # hub id or local diffusers directory
+    subfolder: Optional[str] = "unet"
+    scheduler_subfolder: Optional[str] = "scheduler"
+    arch: str = MISSING  # shipped config directory (unet/ and scheduler/), for weights=random
+    weights: Weights = Weights.pretrained
+    init_seed: int = 0  # seed for weights=random
+    # conditioning of the U-Net: none | text | class; random contexts for cost runs
+    conditioning: str = "none"
+    context_tokens: int = 0
+    guidance_scale: float = 1.0
+    default_branch: int = 1
+    nonuniform_default: NonUniformParams = field(default_factory=NonUniformParams)
+    # per-interval (N) non-uniform hyper-parameters from the paper's tables
+    nonuniform_by_interval: dict[int, NonUniformParams] = field(default_factory=dict)
+    # feature extractor / reference data for quality metrics (embedded model only)
+    quality: Optional[dict[str, Any]] = None
+
+
+@dataclass
+class SamplerConfig:
+    name: str = MISSING
+    scheduler_class: str = MISSING  # a diffusers scheduler class
+    steps: int = 100
+    eta: float = 0.0
+    scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunSettings:
+    mode: Mode = Mode.full
+    seed: int = 0
+    num_samples: int = 256
+    batch_size: int = 32
+    shards: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: Optional[int] = None
+    store_dir: str = ".cache/store"  # images, keyed by the settings that change them
+    save_png: bool = False
+    timing: bool = True  # measure throughput (baseline vs cached, interleaved)
+    timing_batch_size: int = 1
+    timing_repeats: int = 3
+    timing_warmup: int = 1
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    sampler: SamplerConfig = MISSING
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    run: RunSettings = field(default_factory=RunSettings)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def register() -> None:
+    """Register the schemas and the ``${pkg:...}`` resolver (package-relative paths)."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="schemas", name="cache", node=CacheConfig)
+    cs.store(group="schemas", name="model", node=ModelConfig)
+    cs.store(group="schemas", name="sampler", node=SamplerConfig)
+    if not OmegaConf.has_resolver("pkg"):
+        OmegaConf.register_new_resolver("pkg", lambda rel: str(PACKAGE_DIR / rel))

@@ -1,0 +1,88 @@
+"""Run records: one ``run.json`` per run, carrying everything that produced it."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RECORD_NAME = "run.json"
+RECORD_VERSION = 1
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write JSON through a temp file + rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=_jsonable)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "value"):  # enums
+        return o.value
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions, git commit and hardware that produced a result."""
+    import diffusers
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "harness_commit": git_commit(),
+        "device": device,
+        "device_name": _device_name(device),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:],
+    }
+    return env
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_record(out_dir: str | Path, record: dict[str, Any]) -> Path:
+    record = {"record_version": RECORD_VERSION, **record}
+    return write_json_atomic(Path(out_dir) / RECORD_NAME, record)
