@@ -241,11 +241,12 @@ class DeepCache:
 
     # -- attach / detach -------------------------------------------------------
     def attach(self) -> "DeepCache":
-        if "forward" in self.unet.__dict__:
-            raise CacheError(
-                f"{type(self.unet).__name__} already has an instance-level forward "
-                "(DeepCache attached twice, or another wrapper is installed)"
-            )
+        previous = self.unet.__dict__.get("forward")
+        if isinstance(getattr(previous, "__self__", None), DeepCache):
+            raise CacheError(f"DeepCache is already attached to this {type(self.unet).__name__}")
+        # an instance-level forward set by someone else is kept, used for full calls
+        # and put back on detach
+        self._previous_forward = previous
         consumer = self.unet.get_submodule(self.skip.consumer)
         self._handle = consumer.register_forward_pre_hook(self._capture, with_kwargs=True)
         self.unet.forward = self._forward
@@ -256,6 +257,9 @@ class DeepCache:
             self._handle.remove()
             self._handle = None
         self.unet.__dict__.pop("forward", None)
+        if self._previous_forward is not None:
+            self.unet.forward = self._previous_forward
+            self._previous_forward = None
         self.state.stored = None
         self._stored.tensor = None
 
@@ -303,7 +307,10 @@ class DeepCache:
         self._full_call = state.next_is_full() or state.stored is None
         try:
             if self._full_call:
-                out = type(self.unet).forward(self.unet, *args, **kwargs)
+                if self._previous_forward is not None:
+                    out = self._previous_forward(*args, **kwargs)
+                else:
+                    out = type(self.unet).forward(self.unet, *args, **kwargs)
                 state.full_calls.append(i)
             else:
                 self._check_retrieval(args, kwargs)
@@ -334,6 +341,7 @@ class DeepCache:
                 raise CacheError(f"DeepCache does not support `{key}` (ControlNet/adapters)")
 
     _full_call = False
+    _previous_forward = None
 
 
 @contextlib.contextmanager

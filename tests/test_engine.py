@@ -205,10 +205,27 @@ def test_detach_happens_even_when_the_loop_fails():
     assert "forward" not in unet.__dict__
 
 
+def test_a_foreign_instance_forward_is_kept_and_restored():
+    unet = tiny_unet2d()
+    x, _ = inputs(unet)
+    calls = []
+    original = unet.forward
+
+    def wrapper(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    unet.forward = wrapper
+    with torch.no_grad(), deepcache(unet, CacheSettings(interval=2, branch=1)):
+        unet(x, T)
+        unet(x, T)
+    assert unet.__dict__["forward"] is wrapper and calls == [1]  # full call went through it
+
+
 def test_attaching_twice_is_refused():
     unet = tiny_unet2d()
     with deepcache(unet, CacheSettings(interval=3, branch=2)):
-        with pytest.raises(CacheError, match="attached twice"):
+        with pytest.raises(CacheError, match="already attached"):
             DeepCache(unet, CacheSettings(interval=2, branch=1)).attach()
 
 
