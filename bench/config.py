@@ -34,6 +34,12 @@ class Weights(str, Enum):
     random = "random"
 
 
+class Timing(str, Enum):
+    loop = "loop"  # time whole denoising loops, baseline and cached interleaved
+    calls = "calls"  # time one full / one retrieval call, compose over the schedule
+    off = "off"
+
+
 class Mode(str, Enum):
     full = "full"  # generate (baseline + cached), quality metrics, cost
     cost = "cost"  # no weights needed: schedule, MACs, timing
@@ -103,7 +109,7 @@ class RunSettings:
     threads: Optional[int] = None
     store_dir: str = ".cache/store"  # images, keyed by the settings that change them
     save_png: bool = False
-    timing: bool = True  # measure throughput (baseline vs cached, interleaved)
+    timing: Timing = Timing.loop  # throughput: whole loops | composed from calls | off
     timing_batch_size: int = 1
     timing_repeats: int = 3
     timing_warmup: int = 1

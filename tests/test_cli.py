@@ -23,7 +23,7 @@ def run_py(*overrides, tmp_path):
 
 
 def test_cost_run_writes_the_schedule(tmp_path):
-    r = run_py(*COST, "sampler.steps=100", "cache.interval=5", "cache.branch=1", "run.timing=false", tmp_path=tmp_path)
+    r = run_py(*COST, "sampler.steps=100", "cache.interval=5", "cache.branch=1", "run.timing=off", tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr
     record_path = tmp_path / "out" / "run.json"
     assert f"run record: {record_path}" in r.stdout
@@ -48,7 +48,7 @@ def test_cost_run_writes_the_schedule(tmp_path):
     ],
 )
 def test_bad_input_is_one_readable_error(tmp_path, override, expect):
-    r = run_py(*COST, "sampler.steps=10", "run.timing=false", override, tmp_path=tmp_path)
+    r = run_py(*COST, "sampler.steps=10", "run.timing=off", override, tmp_path=tmp_path)
     assert r.returncode != 0
     assert expect in r.stderr
     assert "Traceback" not in r.stderr
