@@ -53,3 +53,35 @@ def test_bad_input_is_one_readable_error(tmp_path, override, expect):
     assert expect in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_table13_sweep_writes_a_table(tmp_path):
+    """The Table 13 experiment, shrunk: two branches, ten steps, one timing repeat."""
+    import pandas as pd
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(
+        [sys.executable, "run.py", "-m", "experiment=table13", "sampler.steps=10", "cache.branch=1,3",
+         "run.timing_repeats=1", "run.timing_warmup=0", f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    table = pd.read_csv(tmp_path / "sweep" / "table.csv", dtype={"job": str})
+    assert list(table["branch"]) == [1, 3]
+    assert set(table["interval"]) == {5} and set(table["steps"]) == {10}
+    for _, row in table.iterrows():
+        # uniform 1:5 over 10 calls: calls 0 and 5 full
+        expected = (2 * row["macs_full_paper"] + 8 * row["macs_retrieval_paper"]) / 10
+        assert row["macs_paper"] == pytest.approx(expected)
+        assert row["macs_predicted_speedup"] == pytest.approx(row["macs_full_paper"] / row["macs_paper"])
+        assert row["speedup"] == pytest.approx(row["throughput"] / row["throughput_baseline"])
+        assert row["timing_method"] == "calls"
+    # branch 1 runs less of the network than branch 3
+    assert table.loc[0, "macs_paper"] < table.loc[1, "macs_paper"]
+    # CIFAR-10 full call, paper convention (FACTS.md section 3: 6.05 G)
+    assert table.loc[0, "macs_full_paper"] == pytest.approx(6.05e9, rel=2e-3)
+    # rebuilt from the records alone, the table is the same
+    from bench.report import build_table
+
+    rebuilt = build_table(tmp_path / "sweep")
+    pd.testing.assert_frame_equal(rebuilt, table, check_dtype=False, check_exact=False, rtol=1e-12)
