@@ -84,7 +84,11 @@ class ModelConfig:
     nonuniform_default: NonUniformParams = field(default_factory=NonUniformParams)
     # per-interval (N) non-uniform hyper-parameters from the paper's tables
     nonuniform_by_interval: dict[int, NonUniformParams] = field(default_factory=dict)
-    # feature extractor / reference data for quality metrics (embedded model only)
+    # what the sampling loop produces: pixels (images in [-1, 1]) or latents (need a
+    # decoder; image generation for latent models is not implemented, cost runs work)
+    output: str = "pixels"
+    # quality metrics: `extractor` and `reference` are instantiated (_target_), and
+    # `metrics` overrides entries of the top-level metrics config for this model
     quality: Optional[dict[str, Any]] = None
 
 
@@ -102,8 +106,9 @@ class RunSettings:
     mode: Mode = Mode.full
     seed: int = 0
     num_samples: int = 256
-    batch_size: int = 32
+    batch_size: int = 64
     shards: int = 1
+    shard: Optional[int] = None  # generate only this shard (0-based); null: all of them
     device: str = "cpu"
     dtype: str = "float32"
     threads: Optional[int] = None
@@ -117,12 +122,26 @@ class RunSettings:
 
 
 @dataclass
+class MetricsConfig:
+    """Quality-metric settings (ADM evaluator conventions by default)."""
+
+    which: list[str] = field(default_factory=lambda: ["fid", "sfid", "is", "precision", "recall"])
+    is_split_size: int = 5000
+    k: int = 3
+    batch_size: int = 64
+    cache_dir: Optional[str] = ".cache/metrics"
+    inception_weights: Optional[str] = None  # local path of the torch-fidelity Inception weights
+    clip_checkpoint: Optional[str] = None  # local open_clip checkpoint
+    device: Optional[str] = None  # where features/distances run; null: run.device
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     sampler: SamplerConfig = MISSING
     cache: CacheConfig = field(default_factory=CacheConfig)
     run: RunSettings = field(default_factory=RunSettings)
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def register() -> None:

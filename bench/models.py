@@ -10,6 +10,8 @@ every engine invariant.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +29,17 @@ class LoadedModel:
     unet: nn.Module
     scheduler_config: dict[str, Any]
     source: str  # where the weights came from ("random:<seed>" or a path / hub id)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A content fingerprint of the weights (a strided sample of every tensor)."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.unet.state_dict().items()):
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(flat[::step].float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:

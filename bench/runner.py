@@ -14,10 +14,14 @@ from typing import Any, Callable
 import torch
 from omegaconf import OmegaConf
 
-from bench import measure, models, sampling
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from bench import generate, measure, models, sampling
 from bench.config import HarnessError
 from bench.engine import CacheError, CacheSettings, DeepCache, deepcache
 from bench.records import environment, write_record
+from bench.store import ImageStore, shard_range
 
 
 def settings_record(cfg: Any) -> dict[str, Any]:
@@ -42,36 +46,178 @@ def _setup(cfg: Any) -> None:
         raise HarnessError(f"run.device={cfg.run.device!r} but CUDA is not available (use cpu)")
 
 
-def run_cost(cfg: Any, out_dir: Path) -> dict[str, Any]:
-    """Schedule, wall time (and cost metrics) of the cached sampling loop; no metrics."""
-    loaded = models.load_model(cfg.model, cfg.run.device, _dtype(cfg.run.dtype))
-    settings = models.cache_settings(cfg.cache, cfg.model)
-    scheduler = sampling.build_scheduler(cfg.sampler, loaded.scheduler_config)
-    num_calls = sampling.num_model_calls(scheduler)
-    try:  # validates branch and schedule against this model and this sampler
-        plan = DeepCache(loaded.unet, settings, num_calls)
-    except CacheError as e:
-        raise HarnessError(str(e)) from None
-    planned, skip = plan.state.plan, plan.skip
-    record = {
-        "mode": "cost",
-        "settings": settings_record(cfg),
-        "cache": {**settings.__dict__, "skip_producer": skip.producer, "skip_consumer": skip.consumer},
-        "model_source": loaded.source,
-        "num_model_calls": num_calls,
-        "full_calls": planned,
-        "num_full_calls": len(planned),
-        **measure.macs_record(loaded, cfg.model, settings, planned, num_calls),
-    }
-    t0 = time.perf_counter()
+class Prepared:
+    """Everything a mode needs: model, resolved cache settings, the plan."""
+
+    def __init__(self, cfg: Any):
+        self.loaded = models.load_model(cfg.model, cfg.run.device, _dtype(cfg.run.dtype))
+        self.settings = models.cache_settings(cfg.cache, cfg.model)
+        scheduler = sampling.build_scheduler(cfg.sampler, self.loaded.scheduler_config)
+        self.num_calls = sampling.num_model_calls(scheduler)
+        try:  # validates branch and schedule against this model and this sampler
+            plan = DeepCache(self.loaded.unet, self.settings, self.num_calls)
+        except CacheError as e:
+            raise HarnessError(str(e)) from None
+        self.full_calls, self.skip = plan.state.plan, plan.skip
+        self.baseline = CacheSettings(interval=1, branch=self.settings.branch, schedule="none")
+
+    def record(self, cfg: Any, mode: str) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "mode": mode,
+            "settings": settings_record(cfg),
+            "cache": {**s.__dict__, "skip_producer": self.skip.producer, "skip_consumer": self.skip.consumer},
+            "model_source": self.loaded.source,
+            "weights_fingerprint": self.loaded.fingerprint,
+            "num_model_calls": self.num_calls,
+            "full_calls": self.full_calls,
+            "num_full_calls": len(self.full_calls),
+        }
+
+
+def _cost(p: Prepared, cfg: Any) -> dict[str, Any]:
+    out = measure.macs_record(p.loaded, cfg.model, p.settings, p.full_calls, p.num_calls)
     if _value(cfg.run.timing) != "off":
-        record.update(measure.timing_record(loaded, cfg, settings, planned, num_calls))
+        out.update(measure.timing_record(p.loaded, cfg, p.settings, p.full_calls, p.num_calls))
+    return out
+
+
+def run_cost(cfg: Any, out_dir: Path) -> dict[str, Any]:
+    """Schedule, MACs and throughput of the cached sampling loop; no weights needed."""
+    p = Prepared(cfg)
+    t0 = time.perf_counter()
+    record = {**p.record(cfg, "cost"), **_cost(p, cfg)}
     record["wall_time_s"] = time.perf_counter() - t0
     record["environment"] = environment(cfg.run.device)
     return record
 
 
-MODES: dict[str, Callable[[Any, Path], dict[str, Any]]] = {"cost": run_cost}
+def _generate_both(p: Prepared, cfg: Any, indices: range) -> tuple[dict, dict, ImageStore, ImageStore]:
+    if cfg.model.output != "pixels":
+        raise HarnessError(
+            f"model {cfg.model.name} samples {cfg.model.output}: image generation needs a decoder, "
+            "which this harness does not run yet; use run.mode=cost"
+        )
+    root = Path(cfg.run.store_dir)
+    base_store = ImageStore(root, generate.store_key(p.loaded, cfg, p.baseline, list(range(p.num_calls))))
+    base = generate.generate(p.loaded, cfg, p.baseline, base_store, indices, desc="baseline")
+    if not p.settings.enabled:
+        return base, base, base_store, base_store
+    store = ImageStore(root, generate.store_key(p.loaded, cfg, p.settings, p.full_calls))
+    cached = generate.generate(p.loaded, cfg, p.settings, store, indices, desc=f"N={p.settings.interval}")
+    return base, cached, base_store, store
+
+
+def _indices(cfg: Any) -> range:
+    if cfg.run.num_samples < 1:
+        raise HarnessError(f"run.num_samples must be >= 1, got {cfg.run.num_samples}")
+    if cfg.run.batch_size < 1:
+        raise HarnessError(f"run.batch_size must be >= 1, got {cfg.run.batch_size}")
+    shards = cfg.run.shards
+    shard_range(cfg.run.num_samples, shards, 0)  # validates run.shards
+    if cfg.run.shard is None:
+        return range(cfg.run.num_samples)
+    return shard_range(cfg.run.num_samples, shards, cfg.run.shard)
+
+
+def run_generate(cfg: Any, out_dir: Path) -> dict[str, Any]:
+    """Images only (baseline and cached), into the store; no metrics, no timing."""
+    p = Prepared(cfg)
+    indices = _indices(cfg)
+    base, cached, base_store, store = _generate_both(p, cfg, indices)
+    return {
+        **p.record(cfg, "generate"),
+        "num_samples": len(indices),
+        "sample_indices": [indices.start, indices.stop],
+        "store": str(store.dir),
+        "generation_time_s": cached["generation_time_s"],
+        "generation": cached,
+        "baseline": {"cache": _baseline_cache(p), "store": str(base_store.dir),
+                     "generation_time_s": base["generation_time_s"], "generation": base},
+        "environment": environment(cfg.run.device),
+    }
+
+
+def run_full(cfg: Any, out_dir: Path) -> dict[str, Any]:
+    """Generate (baseline + cached), quality metrics for both, cost; one record."""
+    p = Prepared(cfg)
+    if cfg.run.shard is not None:
+        raise HarnessError("run.shard is for run.mode=generate; run.mode=full needs every sample")
+    indices = _indices(cfg)
+    t0 = time.perf_counter()
+    base, cached, base_store, store = _generate_both(p, cfg, indices)
+    evaluate = quality_evaluator(cfg)
+    q_cached = evaluate(store.load(indices))
+    q_base = q_cached if store is base_store else evaluate(base_store.load(indices))
+    cost_row = _cost(p, cfg)
+    record = {
+        **p.record(cfg, "full"),
+        "num_samples": len(indices),
+        "store": str(store.dir),
+        "generation_time_s": cached["generation_time_s"],
+        "generation": cached,
+        **q_cached,
+        **cost_row,
+    }
+    record["baseline"] = {
+        "cache": _baseline_cache(p),
+        "store": str(base_store.dir),
+        "generation_time_s": base["generation_time_s"],
+        "generation": base,
+        **q_base,
+        "macs_paper": cost_row["macs_full_paper"],
+        "macs_all": cost_row["macs_full_all"],
+        "macs_full_paper": cost_row["macs_full_paper"],
+        "macs_predicted_speedup": 1.0,
+    }
+    if "throughput_baseline" in cost_row:
+        record["baseline"].update(
+            throughput=cost_row["throughput_baseline"], speedup=1.0,
+            timing_method=cost_row["timing_method"], timing_batch_size=cost_row["timing_batch_size"],
+        )
+    record["wall_time_s"] = time.perf_counter() - t0
+    record["environment"] = environment(cfg.run.device)
+    return record
+
+
+def _baseline_cache(p: Prepared) -> dict[str, Any]:
+    return {**p.baseline.__dict__, "skip_producer": None, "skip_consumer": None}
+
+
+def quality_evaluator(cfg: Any) -> Callable[[Any], dict[str, Any]]:
+    """``images -> metrics dict`` for this model's quality config (extractor + reference)."""
+    q = cfg.model.quality
+    if not q:
+        raise HarnessError(
+            f"model {cfg.model.name} has no quality config (model.quality); use run.mode=generate or cost"
+        )
+    m = {**OmegaConf.to_container(cfg.metrics, resolve=True), **(q.get("metrics") or {})}
+    try:
+        extractor = instantiate(q.extractor)
+        reference = instantiate(q.reference)
+    except InstantiationException as e:
+        raise HarnessError(f"model.quality of {cfg.model.name}: {str(e).strip().splitlines()[-1]}") from None
+
+    def evaluate(images: Any) -> dict[str, Any]:
+        from metrics.evaluate import quality_metrics
+
+        try:
+            return quality_metrics(
+                images, reference, extractor, metrics=tuple(m["which"]), is_split_size=m["is_split_size"],
+                k=m["k"], batch_size=m["batch_size"], cache_dir=m["cache_dir"], progress=cfg.run.progress,
+                device=m["device"] or cfg.run.device,
+            )
+        except ValueError as e:
+            raise HarnessError(str(e)) from None
+
+    return evaluate
+
+
+MODES: dict[str, Callable[[Any, Path], dict[str, Any]]] = {
+    "full": run_full,
+    "generate": run_generate,
+    "cost": run_cost,
+}
 
 
 def run(cfg: Any, out_dir: str | Path) -> Path:
@@ -81,6 +227,9 @@ def run(cfg: Any, out_dir: str | Path) -> Path:
     if mode not in MODES:
         raise HarnessError(f"run.mode={mode!r} is not available; valid: {', '.join(MODES)}")
     record = MODES[mode](cfg, Path(out_dir))
-    path = write_record(out_dir, record)
+    try:
+        path = write_record(out_dir, record)
+    except OSError as e:
+        raise HarnessError(f"cannot write the run record into {out_dir}: {e.strerror}") from None
     print(f"run record: {path}")
     return path

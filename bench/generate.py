@@ -1,0 +1,78 @@
+"""Generating images into the store: per-sample seeds, batches, resume."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from bench import sampling
+from bench.engine import CacheSettings, deepcache
+from bench.models import LoadedModel
+from bench.store import ImageStore, missing_runs
+
+
+def store_key(loaded: LoadedModel, cfg: Any, settings: CacheSettings, full_calls: list[int]) -> dict[str, Any]:
+    """What changes the images: weights, sampler, cache settings, seed, dtype."""
+    s = cfg.sampler
+    cache = {"schedule": "none"}
+    if settings.enabled:
+        cache = {"branch": settings.branch, "full_calls": list(full_calls)}
+    return {
+        "model": cfg.model.name,
+        "weights": loaded.fingerprint,
+        "sampler": {
+            "class": s.scheduler_class, "steps": s.steps, "eta": s.eta,
+            "kwargs": dict(s.scheduler_kwargs), "scheduler_config": loaded.scheduler_config,
+        },
+        "guidance_scale": cfg.model.guidance_scale,
+        "cache": cache,
+        "seed": cfg.run.seed,
+        "dtype": cfg.run.dtype,
+        "device_type": torch.device(cfg.run.device).type,
+    }
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Model space [-1, 1] NCHW -> uint8 NHWC (the ADM evaluator's layout)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def generate(
+    loaded: LoadedModel,
+    cfg: Any,
+    settings: CacheSettings,
+    store: ImageStore,
+    indices: range,
+    *,
+    desc: str = "generate",
+) -> dict[str, Any]:
+    """Generate every sample of ``indices`` not yet in ``store``, batch by batch."""
+    unet = loaded.unet
+    p = next(unet.parameters())
+    missing = store.missing(indices)
+    generated, t0 = 0, time.perf_counter()
+    full_calls: list[int] | None = None
+    bar = tqdm(total=len(indices), initial=len(indices) - len(missing), desc=desc, unit="img",
+               disable=not cfg.run.progress, leave=False)
+    for chunk in missing_runs(missing, cfg.run.batch_size):
+        scheduler = sampling.build_scheduler(cfg.sampler, loaded.scheduler_config)
+        gens = sampling.sample_generators(cfg.run.seed, chunk)
+        noise = sampling.initial_noise(gens, loaded.sample_shape, p.device, p.dtype)
+        with torch.inference_mode(), deepcache(unet, settings, num_calls=sampling.num_model_calls(scheduler)) as st:
+            x = sampling.denoise(unet, scheduler, noise, generators=gens, eta=cfg.sampler.eta)
+        full_calls = list(st.full_calls)
+        store.write(chunk.start, to_uint8(x))
+        generated += len(chunk)
+        bar.update(len(chunk))
+    bar.close()
+    return {
+        "generated": generated,
+        "reused": len(indices) - len(missing),
+        "generation_time_s": time.perf_counter() - t0 if generated else None,
+        "executed_full_calls": full_calls,
+    }

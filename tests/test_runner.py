@@ -1,0 +1,193 @@
+"""The sampling runner on the embedded digits model: determinism, resume, tables, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench import generate, models
+from bench.runner import run
+from bench.store import ImageStore
+from harness import ROOT, compose_cfg, run_py
+
+FAST = ["sampler.steps=10", "run.progress=false", "run.timing=off"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    cfg = compose_cfg(*FAST)
+    return cfg, models.load_model(cfg.model)
+
+
+def _images(loaded, cfg, settings, indices, batch_size, root):
+    cfg.run.batch_size = batch_size
+    store = ImageStore(root, {"test": str(root)})
+    generate.generate(loaded, cfg, settings, store, indices)
+    return store.load(indices)
+
+
+def test_same_seed_same_images_whatever_the_batch_size(digits, tmp_path):
+    cfg, loaded = digits
+    settings = models.cache_settings(cfg.cache, cfg.model)
+    one = _images(loaded, cfg, settings, range(8), 1, tmp_path / "b1")
+    eight = _images(loaded, cfg, settings, range(8), 8, tmp_path / "b8")
+    assert one.dtype == np.uint8 and one.shape == (8, 16, 16, 1)
+    assert np.array_equal(one, eight)
+    # a sample depends on its index only: samples 4..7 alone are the same images
+    tail = _images(loaded, cfg, settings, range(4, 8), 3, tmp_path / "tail")
+    assert np.array_equal(tail, one[4:])
+    assert len({img.tobytes() for img in one}) == 8  # and different samples differ
+
+
+def test_same_images_for_one_or_two_shards(tmp_path):
+    common = [*FAST, "run.mode=generate", "run.num_samples=6", "run.batch_size=4"]
+    whole = run(compose_cfg(*common, f"run.store_dir={tmp_path}/s1"), tmp_path / "o1")
+    for shard in (0, 1):
+        run(compose_cfg(*common, "run.shards=2", f"run.shard={shard}", f"run.store_dir={tmp_path}/s2"),
+            tmp_path / f"o2_{shard}")
+    rec = json.loads(whole.read_text())
+    a = ImageStore.__new__(ImageStore)
+    a.dir = Path(rec["store"])
+    b = ImageStore.__new__(ImageStore)
+    b.dir = tmp_path / "s2" / Path(rec["store"]).name
+    assert b.dir.is_dir()  # same settings -> same store key, whatever the split
+    assert np.array_equal(a.load(range(6)), b.load(range(6)))
+    parts = [json.loads((tmp_path / f"o2_{s}" / "run.json").read_text())["sample_indices"] for s in (0, 1)]
+    assert parts == [[0, 3], [3, 6]]
+
+
+def test_kill_and_resume_generates_no_sample_twice(tmp_path):
+    args = ["run.mode=generate", "sampler.steps=50", "run.num_samples=24", "run.batch_size=2",
+            "cache.interval=1", "run.progress=false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    store = tmp_path / "store"
+    proc = subprocess.Popen(
+        [sys.executable, "run.py", *args, f"run.store_dir={store}", f"hydra.run.dir={tmp_path}/killed"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and len(list(store.glob("*/samples_*.npz"))) < 2:
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done_before = sum(int(p.name[16:23]) - int(p.name[8:15]) for p in store.glob("*/samples_*.npz"))
+    assert 0 < done_before < 24, "the run was not interrupted midway"
+    resumed = json.loads(run(compose_cfg(*args, f"run.store_dir={store}"), tmp_path / "resumed").read_text())
+    assert resumed["generation"]["reused"] == done_before
+    assert resumed["generation"]["generated"] == 24 - done_before
+    fresh = json.loads(run(compose_cfg(*args, f"run.store_dir={tmp_path}/fresh"), tmp_path / "fresh").read_text())
+    assert fresh["generation"]["generated"] == 24
+    s1, s2 = ImageStore.__new__(ImageStore), ImageStore.__new__(ImageStore)
+    s1.dir, s2.dir = Path(resumed["store"]), Path(fresh["store"])
+    assert np.array_equal(s1.load(range(24)), s2.load(range(24)))
+    # a rerun now finds everything on disk
+    again = json.loads(run(compose_cfg(*args, f"run.store_dir={store}"), tmp_path / "again").read_text())
+    assert again["generation"]["generated"] == 0
+
+
+def test_default_sweep_writes_a_table_with_the_baseline(tmp_path):
+    """`python run.py -m cache.interval=...` on the embedded default, shrunk for test time."""
+    r = run_py(
+        "-m", "cache.interval=5,20", "sampler.steps=20", "run.num_samples=64", "run.batch_size=32",
+        "model.quality.metrics.is_split_size=32", "run.timing=calls", "run.timing_repeats=1",
+        "run.timing_warmup=0", "run.progress=false", f"run.store_dir={tmp_path}/store",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+    )
+    assert r.returncode == 0, r.stderr
+    table = pd.read_csv(tmp_path / "sweep" / "table.csv")
+    assert list(table["interval"]) == [1, 5, 20]
+    assert list(table["schedule"]) == ["none", "uniform", "uniform"]
+    for col in ["branch", "macs_paper", "macs_all", "throughput", "speedup", "fid", "is_mean", "precision",
+                "recall", "protocol", "num_samples", "steps"]:
+        assert col in table.columns, col
+    assert set(table["protocol"]) == {"adm/digits-cnn"}
+    assert set(table["num_samples"]) == {64}
+    base, n5, n20 = (table.iloc[i] for i in range(3))
+    assert base["speedup"] == 1.0 and base["macs_paper"] == n5["macs_full_paper"]
+    assert base["macs_paper"] > n5["macs_paper"] > n20["macs_paper"]
+    # quality falls as N grows: the baseline is at least as good as N = 20
+    assert base["fid"] <= n20["fid"]
+    assert base["precision"] >= n20["precision"] or base["recall"] >= n20["recall"]
+    # both cached jobs share one baseline (generated once)
+    assert len(list((tmp_path / "store").iterdir())) == 3
+
+
+REGRESSION = Path(__file__).parent / "data" / "regression_digits.json"
+REGRESSION_ARGS = [
+    "sampler.steps=10", "run.num_samples=32", "run.batch_size=16", "cache.interval=3", "cache.branch=2",
+    "model.quality.metrics.is_split_size=16", "run.timing=off", "run.progress=false",
+]
+REGRESSION_KEYS = ["fid", "is_mean", "precision", "recall", "macs_paper", "macs_all"]
+
+
+def regression_values(tmp_path) -> dict:
+    rec = json.loads(run(compose_cfg(*REGRESSION_ARGS, f"run.store_dir={tmp_path}"), tmp_path / "o").read_text())
+    out = {k: rec[k] for k in REGRESSION_KEYS}
+    out.update({f"baseline_{k}": rec["baseline"][k] for k in ("fid", "is_mean", "precision", "recall")})
+    out["full_calls"] = rec["full_calls"]
+    return out
+
+
+def test_regression_on_a_fixed_subset(tmp_path):
+    """Pinned values (tests/data/regression_digits.json, written by
+    `python tests/test_runner.py --update-regression`): a change of the engine, the
+    runner or the metrics that changes results fails here."""
+    expected = json.loads(REGRESSION.read_text())
+    got = regression_values(tmp_path)
+    assert got["full_calls"] == expected["full_calls"]
+    for k, v in expected.items():
+        if k != "full_calls":
+            assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+
+
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["model.pretrained=/nonexistent/weights"], "model.pretrained='/nonexistent/weights': no such directory"),
+        (["sampler=no_such_sampler"], "Could not find 'sampler/no_such_sampler'"),
+        (["run.mode=generate", "run.num_samples=2", "run.shards=3"], "run.shards=3 must be between 1 and run.num_samples=2"),
+        (["run.store_dir={tmp}/a_file/store"], "run.store_dir="),
+        (["hydra.run.dir={tmp}/a_file/out"], "cannot be created"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, args, expect):
+    (tmp_path / "a_file").write_text("not a directory")
+    args = [a.format(tmp=tmp_path) for a in args]
+    if not any(a.startswith("hydra.run.dir") for a in args):
+        args.append(f"hydra.run.dir={tmp_path}/out")
+    r = run_py(*FAST, "run.num_samples=4", f"run.store_dir={tmp_path}/store", *args)
+    assert r.returncode != 0
+    assert expect in r.stderr and "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("**/run.json")) and not list(tmp_path.glob("**/samples_*.npz"))
+
+
+def test_corrupt_weights_are_a_clear_error(tmp_path):
+    bad = tmp_path / "digits"
+    shutil.copytree(ROOT / "bench" / "assets" / "digits", bad)
+    weights = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    r = run_py(*FAST, f"model.pretrained={bad}", f"hydra.run.dir={tmp_path}/out")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: model.pretrained=") and "cannot load UNet2DModel" in lines[-1]
+    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "run.json").exists()
+
+
+if __name__ == "__main__" and "--update-regression" in sys.argv:
+    import tempfile
+
+    values = regression_values(Path(tempfile.mkdtemp()))
+    REGRESSION.write_text(json.dumps(values, indent=2) + "\n")
+    print(json.dumps(values, indent=2))
