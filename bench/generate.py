@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from bench import sampling
 from bench.engine import CacheSettings, deepcache
+from bench.images import to_uint8
 from bench.models import LoadedModel
 from bench.store import ImageStore, missing_runs
 
@@ -34,12 +34,6 @@ def store_key(loaded: LoadedModel, cfg: Any, settings: CacheSettings, full_calls
         "dtype": cfg.run.dtype,
         "device_type": torch.device(cfg.run.device).type,
     }
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Model space [-1, 1] NCHW -> uint8 NHWC (the ADM evaluator's layout)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def generate(
