@@ -1,0 +1,184 @@
+"""Benchmarks behind the README's performance numbers (not timed tests).
+
+    python -m bench.benchmark speedup     # measured vs MACs-predicted speed-up, CIFAR-10
+    python -m bench.benchmark overhead    # the engine's own cost on a retrieval call
+    python -m bench.benchmark methods     # loop timing vs timing composed from calls
+    python -m bench.benchmark default     # `python run.py` wall time, generation speed-up
+    python -m bench.benchmark table13     # the Table 13 cost sweep's wall time
+
+Each prints a markdown table and writes ``results/benchmarks/<name>.json`` with the
+machine, thread count, date and every raw number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import measure, models
+from bench.engine import CacheSettings, DeepCache
+from bench.records import environment, write_json_atomic
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "results" / "benchmarks"
+
+
+def _cfg(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from bench.config import register
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def speedup(repeats: int = 5) -> dict[str, Any]:
+    """CIFAR-10 (random weights), DDIM-100, branch 3: measured vs predicted, batch 1 and 16."""
+    rows = []
+    for batch in (1, 16):
+        for n in (2, 3, 5, 10):
+            cfg = _cfg("model=ddpm_cifar10", "model.weights=random", "sampler.steps=100", f"cache.interval={n}",
+                       "cache.branch=3", "run.timing=calls", f"run.timing_batch_size={batch}",
+                       f"run.timing_repeats={repeats}", "run.timing_warmup=1")
+            loaded = models.load_model(cfg.model)
+            settings = models.cache_settings(cfg.cache, cfg.model)
+            plan = settings.full_calls(100)
+            macs = measure.macs_record(loaded, cfg.model, settings, plan, 100)
+            t = measure.timing_record(loaded, cfg, settings, plan, 100)
+            rows.append({"batch": batch, "N": n, "predicted": macs["macs_predicted_speedup"],
+                         "measured": t["speedup"], "ratio": t["speedup"] / macs["macs_predicted_speedup"],
+                         "throughput": t["throughput"], "throughput_baseline": t["throughput_baseline"],
+                         "raw_s": t["timing_raw_s"]})
+    return {"rows": rows, "columns": ["batch", "N", "predicted", "measured", "ratio"]}
+
+
+def overhead(repeats: int = 300) -> dict[str, Any]:
+    """Time of a retrieval call through the engine vs the same computation called directly."""
+    cfg = _cfg("model=ddpm_cifar10", "model.weights=random")
+    unet = models.load_model(cfg.model).unet
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor(500)
+    rows = []
+    for branch in (1, 3, 12):
+        engine = DeepCache(unet, CacheSettings(interval=10**6, branch=branch)).attach()
+        try:
+            with torch.inference_mode():
+                unet(x, t)  # fills the cache
+                view, stored = engine._retrieval_unet, engine._stored
+
+                def direct():  # the same truncated forward, without the engine's bookkeeping
+                    stored.tensor = engine.state.stored
+                    type(unet).forward(view, x, t)
+                    stored.tensor = None
+
+                def through_engine():
+                    unet(x, t)
+
+                for _ in range(20):
+                    direct(), through_engine()
+                times = {"direct": [], "engine": []}
+                for _ in range(repeats):
+                    for name, fn in (("direct", direct), ("engine", through_engine)):
+                        t0 = time.perf_counter()
+                        fn()
+                        times[name].append(time.perf_counter() - t0)
+        finally:
+            engine.detach()
+        d, e = statistics.median(times["direct"]), statistics.median(times["engine"])
+        rows.append({"branch": branch, "retrieval_direct_ms": d * 1e3, "retrieval_engine_ms": e * 1e3,
+                     "overhead_us": (e - d) * 1e6, "overhead_pct": 100 * (e - d) / d})
+    return {"rows": rows, "columns": ["branch", "retrieval_direct_ms", "retrieval_engine_ms", "overhead_us",
+                                      "overhead_pct"]}
+
+
+def methods(repeats: int = 5) -> dict[str, Any]:
+    """On the embedded model: speed-up from whole loops vs composed from calls, same settings."""
+    rows = []
+    for batch in (1, 16):
+        for method in ("loop", "calls"):
+            cfg = _cfg("run.mode=cost", f"run.timing={method}", f"run.timing_batch_size={batch}",
+                       f"run.timing_repeats={repeats}", "run.timing_warmup=1", "cache.interval=5")
+            loaded = models.load_model(cfg.model)
+            settings = models.cache_settings(cfg.cache, cfg.model)
+            plan = settings.full_calls(100)
+            t = measure.timing_record(loaded, cfg, settings, plan, 100)
+            rows.append({"batch": batch, "method": method, "branch": settings.branch,
+                         "throughput": t["throughput"], "throughput_baseline": t["throughput_baseline"],
+                         "speedup": t["speedup"], "raw_s": t["timing_raw_s"]})
+    return {"rows": rows, "columns": ["batch", "method", "branch", "throughput", "throughput_baseline", "speedup"]}
+
+
+def _timed_run(args: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise RuntimeError(r.stderr)
+    return time.perf_counter() - t0, r
+
+
+def default(runs: int = 3) -> dict[str, Any]:
+    """`python run.py` with defaults on a fresh store: wall time, generation speed-up."""
+    rows = []
+    for i in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            wall, _ = _timed_run([f"run.store_dir={tmp}/store", f"hydra.run.dir={tmp}/out"])
+            rec = json.loads((Path(tmp) / "out" / "run.json").read_text())
+        g_base, g_cached = rec["baseline"]["generation_time_s"], rec["generation_time_s"]
+        rows.append({"run": i, "wall_s": wall, "generation_baseline_s": g_base, "generation_cached_s": g_cached,
+                     "generation_speedup": g_base / g_cached, "timing_speedup": rec["speedup"],
+                     "fid_baseline": rec["baseline"]["fid"], "fid_cached": rec["fid"],
+                     "branch": rec["cache"]["branch"], "interval": rec["cache"]["interval"]})
+    return {"rows": rows, "columns": ["run", "wall_s", "generation_baseline_s", "generation_cached_s",
+                                      "generation_speedup", "timing_speedup"]}
+
+
+def table13(runs: int = 3) -> dict[str, Any]:
+    rows = []
+    for i in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            wall, _ = _timed_run(["-m", "experiment=table13", f"hydra.sweep.dir={tmp}/sweep"])
+        rows.append({"run": i, "wall_s": wall})
+    return {"rows": rows, "columns": ["run", "wall_s"]}
+
+
+BENCHMARKS = {"speedup": speedup, "overhead": overhead, "methods": methods, "default": default, "table13": table13}
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    cols = result["columns"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in result["rows"]:
+        cells = [f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", choices=sorted(BENCHMARKS))
+    args = parser.parse_args(argv)
+    result = BENCHMARKS[args.name]()
+    result["environment"] = environment("cpu")
+    result["median"] = {
+        c: statistics.median(r[c] for r in result["rows"])
+        for c in result["columns"] if all(isinstance(r[c], float) for r in result["rows"])
+    }
+    write_json_atomic(OUT / f"{args.name}.json", result)
+    print(_markdown(result))
+    print(f"\nwritten: {OUT / (args.name + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
