@@ -130,6 +130,7 @@ class MetricsConfig:
     k: int = 3
     batch_size: int = 64
     cache_dir: Optional[str] = ".cache/metrics"
+    reference: Optional[str] = None  # reference batch: ADM .npz, mu/sigma .npz or image folder
     inception_weights: Optional[str] = None  # local path of the torch-fidelity Inception weights
     clip_checkpoint: Optional[str] = None  # local open_clip checkpoint
     device: Optional[str] = None  # where features/distances run; null: run.device
@@ -151,5 +152,6 @@ def register() -> None:
     cs.store(group="schemas", name="cache", node=CacheConfig)
     cs.store(group="schemas", name="model", node=ModelConfig)
     cs.store(group="schemas", name="sampler", node=SamplerConfig)
+    cs.store(group="schemas", name="metrics", node=MetricsConfig)
     if not OmegaConf.has_resolver("pkg"):
         OmegaConf.register_new_resolver("pkg", lambda rel: str(PACKAGE_DIR / rel))

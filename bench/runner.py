@@ -144,9 +144,9 @@ def run_full(cfg: Any, out_dir: Path) -> dict[str, Any]:
     if cfg.run.shard is not None:
         raise HarnessError("run.shard is for run.mode=generate; run.mode=full needs every sample")
     indices = _indices(cfg)
+    evaluate = quality_evaluator(cfg)  # fails before any image is generated
     t0 = time.perf_counter()
     base, cached, base_store, store = _generate_both(p, cfg, indices)
-    evaluate = quality_evaluator(cfg)
     q_cached = evaluate(store.load(indices))
     q_base = q_cached if store is base_store else evaluate(base_store.load(indices))
     cost_row = _cost(p, cfg)
@@ -192,11 +192,17 @@ def quality_evaluator(cfg: Any) -> Callable[[Any], dict[str, Any]]:
             f"model {cfg.model.name} has no quality config (model.quality); use run.mode=generate or cost"
         )
     m = {**OmegaConf.to_container(cfg.metrics, resolve=True), **(q.get("metrics") or {})}
+    if q.reference is None:
+        raise HarnessError(
+            f"model {cfg.model.name} needs metrics.reference: the reference batch "
+            "(ADM .npz with arr_0, an .npz of mu/sigma, or an image folder)"
+        )
     try:
         extractor = instantiate(q.extractor)
-        reference = instantiate(q.reference)
+        reference = instantiate(q.reference) if OmegaConf.is_dict(q.reference) else q.reference
     except InstantiationException as e:
-        raise HarnessError(f"model.quality of {cfg.model.name}: {str(e).strip().splitlines()[-1]}") from None
+        reason = str(e.__cause__) if e.__cause__ is not None else str(e).strip().splitlines()[0]
+        raise HarnessError(f"model.quality of {cfg.model.name}: {reason}") from None
 
     def evaluate(images: Any) -> dict[str, Any]:
         from metrics.evaluate import quality_metrics

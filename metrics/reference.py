@@ -228,10 +228,12 @@ def _npz_stats(npz, path, layers: Sequence[str]) -> dict[str, tuple[np.ndarray, 
 
 
 def from_adm_npz(path: str | os.PathLike, stats_extractor: str = INCEPTION_NAME) -> Reference:
-    """ADM reference batch: ``arr_0`` images and ``mu, sigma, mu_s, sigma_s`` (all required)."""
+    """ADM reference batch: ``arr_0`` images plus, when precomputed, ``mu, sigma`` and
+    ``mu_s, sigma_s`` (each pair complete or absent; absent statistics are computed)."""
     with np.load(path) as npz:
-        _require_keys(npz, ADM_NPZ_KEYS, path)  # without reading arr_0
-        stats = _npz_stats(npz, path, ("pool", "spatial"))
+        _require_keys(npz, ("arr_0",), path)  # without reading arr_0
+        layers = [layer for layer in ("pool", "spatial") if any(k in npz.files for k in STATS_KEYS[layer])]
+        stats = _npz_stats(npz, path, layers)
 
     def load_images() -> np.ndarray:
         with np.load(path) as npz:

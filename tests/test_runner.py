@@ -191,3 +191,25 @@ if __name__ == "__main__" and "--update-regression" in sys.argv:
     values = regression_values(Path(tempfile.mkdtemp()))
     REGRESSION.write_text(json.dumps(values, indent=2) + "\n")
     print(json.dumps(values, indent=2))
+
+
+def test_inception_protocol_end_to_end_on_cifar10_architecture(tmp_path):
+    """model=ddpm_cifar10 (random weights) through the ADM/Inception path: random
+    Inception weights saved by the test and a tiny ADM-style reference batch."""
+    from metrics.inception import save_random_inception_weights
+
+    weights = save_random_inception_weights(tmp_path / "inception.pth")
+    rng = np.random.default_rng(0)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8))
+    cfg = compose_cfg(
+        "model=ddpm_cifar10", "model.weights=random", "sampler.steps=2", "run.num_samples=4",
+        "run.batch_size=4", "cache.interval=2", "metrics.is_split_size=2", "run.timing=off",
+        "run.progress=false", f"metrics.reference={ref}", f"metrics.inception_weights={weights}",
+        f"metrics.cache_dir={tmp_path}/mcache", f"run.store_dir={tmp_path}/store",
+    )
+    rec = json.loads(run(cfg, tmp_path / "out").read_text())
+    assert rec["protocol"] == "adm/inception-v3-compat"
+    for key in ("fid", "sfid", "is_mean", "precision", "recall"):
+        assert np.isfinite(rec[key]) and np.isfinite(rec["baseline"][key]), key
+    assert rec["n_fake"] == 4 and rec["macs_full_paper"] == pytest.approx(6.05e9, rel=2e-3)
