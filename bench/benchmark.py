@@ -5,6 +5,7 @@
     python -m bench.benchmark methods     # loop timing vs timing composed from calls
     python -m bench.benchmark default     # `python run.py` wall time, generation speed-up
     python -m bench.benchmark table13     # the Table 13 cost sweep's wall time
+    python -m bench.benchmark gpu         # on a CUDA device: throughput of the paper's models
 
 Each prints a markdown table and writes ``results/benchmarks/<name>.json`` with the
 machine, thread count, date and every raw number.
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from bench import measure, models
-from bench.engine import CacheSettings, DeepCache
+from bench.engine import CacheSettings, DeepCache, deepcache
 from bench.records import environment, write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,7 +153,54 @@ def table13(runs: int = 3) -> dict[str, Any]:
     return {"rows": rows, "columns": ["run", "wall_s"]}
 
 
-BENCHMARKS = {"speedup": speedup, "overhead": overhead, "methods": methods, "default": default, "table13": table13}
+def gpu() -> dict[str, Any]:
+    """On a CUDA device: loop throughput, baseline vs cached, interleaved, for the paper's
+    architectures (random weights; speed does not depend on the values), and the
+    engine's exactness in float16 on the GPU."""
+    settings = [
+        # model, sampler, steps, N, branch, batch, dtype
+        ("ddpm_cifar10", "ddim", 100, 5, 3, 128, "float32"),
+        ("ddpm_cifar10", "ddim", 100, 5, 3, 128, "float16"),
+        ("sd15", "plms", 50, 5, 2, 1, "float16"),
+        ("ldm_cin256", "ddim", 250, 10, 1, 8, "float16"),
+    ]
+    rows = []
+    for model, sampler, steps, n, branch, batch, dtype in settings:
+        cfg = _cfg(f"model={model}", "model.weights=random", f"sampler={sampler}", f"sampler.steps={steps}",
+                   f"cache.interval={n}", f"cache.branch={branch}", "run.device=cuda", f"run.dtype={dtype}",
+                   "run.timing=loop", f"run.timing_batch_size={batch}", "run.timing_repeats=3", "run.timing_warmup=1")
+        loaded = models.load_model(cfg.model, "cuda", getattr(torch, dtype))
+        s = models.cache_settings(cfg.cache, cfg.model)
+        from bench import sampling
+
+        calls = sampling.num_model_calls(sampling.build_scheduler(cfg.sampler, loaded.scheduler_config))
+        plan = s.full_calls(calls)
+        macs = measure.macs_record(loaded, cfg.model, s, plan, calls)
+        t = measure.timing_record(loaded, cfg, s, plan, calls)
+        rows.append({"model": model, "sampler": f"{sampler}-{steps}", "N": n, "branch": branch, "batch": batch,
+                     "dtype": dtype, "throughput_baseline": t["throughput_baseline"], "throughput": t["throughput"],
+                     "speedup": t["speedup"], "predicted": macs["macs_predicted_speedup"],
+                     "raw_s": t["timing_raw_s"]})
+        del loaded
+        torch.cuda.empty_cache()
+    # exactness on the GPU in float16: N = 1 and retrieval on the full call's own input
+    cfg = _cfg("model=ddpm_cifar10", "model.weights=random")
+    unet = models.load_model(cfg.model, "cuda", torch.float16).unet
+    x, t = torch.randn(4, 3, 32, 32, device="cuda", dtype=torch.float16), torch.tensor(500)
+    with torch.inference_mode():
+        ref = unet(x, t).sample
+        with deepcache(unet, CacheSettings(interval=1, branch=3)):
+            same = unet(x, t).sample
+        with deepcache(unet, CacheSettings(interval=2, branch=3)):
+            full, retr = unet(x, t).sample, unet(x, t).sample
+    exact = {"n1_equal": bool(torch.equal(same, ref)), "full_equal": bool(torch.equal(full, ref)),
+             "retrieval_max_abs_diff": float((retr - full).abs().max())}
+    return {"rows": rows, "exactness_fp16_cuda": exact, "device": torch.cuda.get_device_name(),
+            "columns": ["model", "sampler", "N", "branch", "batch", "dtype", "throughput_baseline", "throughput",
+                        "speedup", "predicted"]}
+
+
+BENCHMARKS = {"gpu": gpu, "speedup": speedup, "overhead": overhead, "methods": methods, "default": default, "table13": table13}
 
 
 def _markdown(result: dict[str, Any]) -> str:
@@ -169,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=sorted(BENCHMARKS))
     args = parser.parse_args(argv)
     result = BENCHMARKS[args.name]()
-    result["environment"] = environment("cpu")
+    result["environment"] = environment("cuda" if args.name == "gpu" else "cpu")
     result["median"] = {
         c: statistics.median(r[c] for r in result["rows"])
         for c in result["columns"] if all(isinstance(r[c], float) for r in result["rows"])
