@@ -66,7 +66,6 @@ __all__ = [
     "count_macs",
     "per_image",
     "average_macs",
-    "uniform_full_calls",
     "sdpa_macs",
     "PAPER_MODULE_TYPES",
     "ThroughputResult",

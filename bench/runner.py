@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 
 from bench import generate, measure, models, sampling
 from bench.config import HarnessError
-from bench.engine import CacheError, CacheSettings, DeepCache, deepcache
+from bench.engine import CacheError, CacheSettings, DeepCache
 from bench.records import environment, write_record
 from bench.store import ImageStore, shard_range
 

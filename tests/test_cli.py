@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import run_py
 COST = ["run.mode=cost", "model=ddpm_cifar10", "model.weights=random", "sampler=ddim"]
 
 
-def run_py(*overrides, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    return subprocess.run(
-        [sys.executable, "run.py", *overrides, f"hydra.run.dir={tmp_path}/out"],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
-    )
+def run_cost(*overrides, tmp_path):
+    return run_py(*overrides, f"hydra.run.dir={tmp_path}/out")
 
 
 def test_cost_run_writes_the_schedule(tmp_path):
-    r = run_py(*COST, "sampler.steps=100", "cache.interval=5", "cache.branch=1", "run.timing=off", tmp_path=tmp_path)
+    r = run_cost(*COST, "sampler.steps=100", "cache.interval=5", "cache.branch=1", "run.timing=off", tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr
     record_path = tmp_path / "out" / "run.json"
     assert f"run record: {record_path}" in r.stdout
@@ -48,7 +40,7 @@ def test_cost_run_writes_the_schedule(tmp_path):
     ],
 )
 def test_bad_input_is_one_readable_error(tmp_path, override, expect):
-    r = run_py(*COST, "sampler.steps=10", "run.timing=off", override, tmp_path=tmp_path)
+    r = run_cost(*COST, "sampler.steps=10", "run.timing=off", override, tmp_path=tmp_path)
     assert r.returncode != 0
     assert expect in r.stderr
     assert "Traceback" not in r.stderr
@@ -59,12 +51,8 @@ def test_table13_sweep_writes_a_table(tmp_path):
     """The Table 13 experiment, shrunk: two branches, ten steps, one timing repeat."""
     import pandas as pd
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run(
-        [sys.executable, "run.py", "-m", "experiment=table13", "sampler.steps=10", "cache.branch=1,3",
-         "run.timing_repeats=1", "run.timing_warmup=0", f"hydra.sweep.dir={tmp_path}/sweep"],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
-    )
+    r = run_py("-m", "experiment=table13", "sampler.steps=10", "cache.branch=1,3", "run.timing_repeats=1",
+               "run.timing_warmup=0", f"hydra.sweep.dir={tmp_path}/sweep")
     assert r.returncode == 0, r.stderr
     table = pd.read_csv(tmp_path / "sweep" / "table.csv", dtype={"job": str})
     assert list(table["branch"]) == [1, 3]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pandas as pd
 import pytest
 
@@ -213,3 +214,24 @@ def test_inception_protocol_end_to_end_on_cifar10_architecture(tmp_path):
     for key in ("fid", "sfid", "is_mean", "precision", "recall"):
         assert np.isfinite(rec[key]) and np.isfinite(rec["baseline"][key]), key
     assert rec["n_fake"] == 4 and rec["macs_full_paper"] == pytest.approx(6.05e9, rel=2e-3)
+
+
+def test_hub_layout_checkpoint_loads_through_from_pretrained(tmp_path):
+    """A DDPM hub repository keeps the U-Net and scheduler config at its root
+    (google/ddpm-cifar10-32); model=ddpm_cifar10 loads such a local directory."""
+    from diffusers import DDPMScheduler
+
+    from tiny import tiny_unet2d
+
+    unet = tiny_unet2d()
+    unet.save_pretrained(tmp_path / "ckpt")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(tmp_path / "ckpt")
+    cfg = compose_cfg("model=ddpm_cifar10", f"model.pretrained={tmp_path}/ckpt", "run.mode=cost",
+                      "run.timing=off", "sampler.steps=10", "cache.interval=5")
+    rec = json.loads(run(cfg, tmp_path / "out").read_text())
+    assert rec["model_source"] == f"{tmp_path}/ckpt"
+    loaded = models.load_model(cfg.model)
+    assert loaded.fingerprint != models.load_model(compose_cfg("model=ddpm_cifar10", "model.weights=random").model).fingerprint
+    for k, v in unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[k], v)
+    assert rec["full_calls"] == [0, 5] and rec["cache"]["branch"] == 3
