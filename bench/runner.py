@@ -192,6 +192,11 @@ def quality_evaluator(cfg: Any) -> Callable[[Any], dict[str, Any]]:
             f"model {cfg.model.name} has no quality config (model.quality); use run.mode=generate or cost"
         )
     m = {**OmegaConf.to_container(cfg.metrics, resolve=True), **(q.get("metrics") or {})}
+    if "is" in m["which"] and cfg.run.num_samples < m["is_split_size"]:
+        raise HarnessError(
+            f"run.num_samples={cfg.run.num_samples} is smaller than the IS split size "
+            f"metrics.is_split_size={m['is_split_size']} (ADM: 5000); lower it or drop 'is' from metrics.which"
+        )
     if q.reference is None:
         raise HarnessError(
             f"model {cfg.model.name} needs metrics.reference: the reference batch "

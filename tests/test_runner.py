@@ -235,3 +235,12 @@ def test_hub_layout_checkpoint_loads_through_from_pretrained(tmp_path):
     for k, v in unet.state_dict().items():
         assert torch.equal(loaded.unet.state_dict()[k], v)
     assert rec["full_calls"] == [0, 5] and rec["cache"]["branch"] == 3
+
+
+def test_too_few_samples_for_the_is_split_fails_before_generating(tmp_path):
+    cfg = compose_cfg(*FAST, "run.num_samples=8", f"run.store_dir={tmp_path}/store")
+    from bench.config import HarnessError
+
+    with pytest.raises(HarnessError, match=r"run.num_samples=8 .*metrics.is_split_size=100"):
+        run(cfg, tmp_path / "out")
+    assert not list(tmp_path.glob("**/samples_*.npz")) and not (tmp_path / "out" / "run.json").exists()
