@@ -84,9 +84,10 @@ class ModelConfig:
     nonuniform_default: NonUniformParams = field(default_factory=NonUniformParams)
     # per-interval (N) non-uniform hyper-parameters from the paper's tables
     nonuniform_by_interval: dict[int, NonUniformParams] = field(default_factory=dict)
-    # what the sampling loop produces: pixels (images in [-1, 1]) or latents (need a
-    # decoder; image generation for latent models is not implemented, cost runs work)
+    # what the sampling loop produces: pixels (images in [-1, 1]) or latents, which
+    # `pipeline` (a class path, e.g. bench.pipeline.TextToImage) conditions and decodes
     output: str = "pixels"
+    pipeline: Optional[str] = None
     # quality metrics: `extractor` and `reference` are instantiated (_target_), and
     # `metrics` overrides entries of the top-level metrics config for this model
     quality: Optional[dict[str, Any]] = None
@@ -99,6 +100,15 @@ class SamplerConfig:
     steps: int = 100
     eta: float = 0.0
     scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PromptsConfig:
+    """Prompts of a text-conditioned model: sample i uses prompt i."""
+
+    source: Optional[str] = None  # .txt (one per line), .json list, or a Hugging Face dataset
+    column: Optional[str] = None  # dataset column (lists: first entry), e.g. captions / Prompt
+    split: Optional[str] = None
 
 
 @dataclass
@@ -119,6 +129,7 @@ class RunSettings:
     timing_repeats: int = 3
     timing_warmup: int = 1
     progress: bool = True
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
 
 
 @dataclass
@@ -132,6 +143,8 @@ class MetricsConfig:
     cache_dir: Optional[str] = ".cache/metrics"
     reference: Optional[str] = None  # reference batch: ADM .npz, mu/sigma .npz or image folder
     inception_weights: Optional[str] = None  # local path of the torch-fidelity Inception weights
+    clip_model: str = "ViT-g-14"
+    clip_pretrained: Optional[str] = "laion2b_s34b_b88k"
     clip_checkpoint: Optional[str] = None  # local open_clip checkpoint
     device: Optional[str] = None  # where features/distances run; null: run.device
 

@@ -10,13 +10,14 @@ from tqdm.auto import tqdm
 
 from bench import sampling
 from bench.engine import CacheSettings, deepcache
-from bench.images import to_uint8
 from bench.models import LoadedModel
 from bench.store import ImageStore, missing_runs
 
 
-def store_key(loaded: LoadedModel, cfg: Any, settings: CacheSettings, full_calls: list[int]) -> dict[str, Any]:
-    """What changes the images: weights, sampler, cache settings, seed, dtype."""
+def store_key(
+    loaded: LoadedModel, cfg: Any, settings: CacheSettings, full_calls: list[int], pipe: Any
+) -> dict[str, Any]:
+    """What changes the images: weights, sampler, cache settings, seed, dtype, prompts."""
     s = cfg.sampler
     cache = {"schedule": "none"}
     if settings.enabled:
@@ -33,6 +34,7 @@ def store_key(loaded: LoadedModel, cfg: Any, settings: CacheSettings, full_calls
         "seed": cfg.run.seed,
         "dtype": cfg.run.dtype,
         "device_type": torch.device(cfg.run.device).type,
+        **pipe.key(),
     }
 
 
@@ -42,10 +44,14 @@ def generate(
     settings: CacheSettings,
     store: ImageStore,
     indices: range,
+    pipe: Any,
     *,
     desc: str = "generate",
 ) -> dict[str, Any]:
-    """Generate every sample of ``indices`` not yet in ``store``, batch by batch."""
+    """Generate every sample of ``indices`` not yet in ``store``, batch by batch.
+
+    ``pipe`` conditions the samples and decodes them (``bench.pipeline``); only the
+    denoising loop runs with the cache attached."""
     unet = loaded.unet
     p = next(unet.parameters())
     missing = store.missing(indices)
@@ -57,10 +63,14 @@ def generate(
         scheduler = sampling.build_scheduler(cfg.sampler, loaded.scheduler_config)
         gens = sampling.sample_generators(cfg.run.seed, chunk)
         noise = sampling.initial_noise(gens, loaded.sample_shape, p.device, p.dtype)
+        cond, uncond = pipe.conditioning(chunk)
         with torch.inference_mode(), deepcache(unet, settings, num_calls=sampling.num_model_calls(scheduler)) as st:
-            x = sampling.denoise(unet, scheduler, noise, generators=gens, eta=cfg.sampler.eta)
+            x = sampling.denoise(
+                unet, scheduler, noise, cond=cond, uncond=uncond, guidance_scale=pipe.guidance_scale,
+                generators=gens, eta=cfg.sampler.eta,
+            )
         full_calls = list(st.full_calls)
-        store.write(chunk.start, to_uint8(x))
+        store.write(chunk.start, pipe.decode(x))
         generated += len(chunk)
         bar.update(len(chunk))
     bar.close()

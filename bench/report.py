@@ -27,7 +27,7 @@ SETTING_COLUMNS = [
 MEASURE_COLUMNS = [
     "macs_paper", "macs_all", "macs_full_paper", "macs_retrieval_paper", "macs_predicted_speedup",
     "throughput", "throughput_baseline", "speedup", "timing_method", "timing_batch_size",
-    "protocol", "fid", "sfid", "is_mean", "is_std", "precision", "recall",
+    "protocol", "fid", "sfid", "is_mean", "is_std", "precision", "recall", "clip_score",
     "generation_time_s", "wall_time_s",
 ]
 

@@ -15,11 +15,12 @@ import torch
 from omegaconf import OmegaConf
 
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 
 from bench import generate, measure, models, sampling
 from bench.config import HarnessError
 from bench.engine import CacheError, CacheSettings, DeepCache
+from bench.pipeline import Pixels
 from bench.records import environment, write_record
 from bench.store import ImageStore, shard_range
 
@@ -92,19 +93,29 @@ def run_cost(cfg: Any, out_dir: Path) -> dict[str, Any]:
     return record
 
 
-def _generate_both(p: Prepared, cfg: Any, indices: range) -> tuple[dict, dict, ImageStore, ImageStore]:
-    if cfg.model.output != "pixels":
-        raise HarnessError(
-            f"model {cfg.model.name} samples {cfg.model.output}: image generation needs a decoder, "
-            "which this harness does not run yet; use run.mode=cost"
-        )
+def make_pipeline(cfg: Any) -> Any:
+    """Conditioning + decoding around the U-Net (``model.pipeline``), pixels by default."""
+    if cfg.model.pipeline is None:
+        if cfg.model.output != "pixels":
+            raise HarnessError(
+                f"model {cfg.model.name} samples {cfg.model.output} and has no model.pipeline to decode "
+                "them; use run.mode=cost"
+            )
+        return Pixels()
+    return get_class(cfg.model.pipeline)(cfg.model, cfg.run, cfg.run.device, _dtype(cfg.run.dtype))
+
+
+def _generate_both(
+    p: Prepared, cfg: Any, indices: range, pipe: Any
+) -> tuple[dict, dict, ImageStore, ImageStore]:
     root = Path(cfg.run.store_dir)
-    base_store = ImageStore(root, generate.store_key(p.loaded, cfg, p.baseline, list(range(p.num_calls))))
-    base = generate.generate(p.loaded, cfg, p.baseline, base_store, indices, desc="baseline")
+    base_key = generate.store_key(p.loaded, cfg, p.baseline, list(range(p.num_calls)), pipe)
+    base_store = ImageStore(root, base_key)
+    base = generate.generate(p.loaded, cfg, p.baseline, base_store, indices, pipe, desc="baseline")
     if not p.settings.enabled:
         return base, base, base_store, base_store
-    store = ImageStore(root, generate.store_key(p.loaded, cfg, p.settings, p.full_calls))
-    cached = generate.generate(p.loaded, cfg, p.settings, store, indices, desc=f"N={p.settings.interval}")
+    store = ImageStore(root, generate.store_key(p.loaded, cfg, p.settings, p.full_calls, pipe))
+    cached = generate.generate(p.loaded, cfg, p.settings, store, indices, pipe, desc=f"N={p.settings.interval}")
     return base, cached, base_store, store
 
 
@@ -124,7 +135,7 @@ def run_generate(cfg: Any, out_dir: Path) -> dict[str, Any]:
     """Images only (baseline and cached), into the store; no metrics, no timing."""
     p = Prepared(cfg)
     indices = _indices(cfg)
-    base, cached, base_store, store = _generate_both(p, cfg, indices)
+    base, cached, base_store, store = _generate_both(p, cfg, indices, make_pipeline(cfg))
     return {
         **p.record(cfg, "generate"),
         "num_samples": len(indices),
@@ -145,10 +156,12 @@ def run_full(cfg: Any, out_dir: Path) -> dict[str, Any]:
         raise HarnessError("run.shard is for run.mode=generate; run.mode=full needs every sample")
     indices = _indices(cfg)
     evaluate = quality_evaluator(cfg)  # fails before any image is generated
+    pipe = make_pipeline(cfg)
     t0 = time.perf_counter()
-    base, cached, base_store, store = _generate_both(p, cfg, indices)
-    q_cached = evaluate(store.load(indices))
-    q_base = q_cached if store is base_store else evaluate(base_store.load(indices))
+    base, cached, base_store, store = _generate_both(p, cfg, indices, pipe)
+    prompts = pipe.prompts_for(indices)
+    q_cached = evaluate(store.load(indices), prompts)
+    q_base = q_cached if store is base_store else evaluate(base_store.load(indices), prompts)
     cost_row = _cost(p, cfg)
     record = {
         **p.record(cfg, "full"),
@@ -184,14 +197,17 @@ def _baseline_cache(p: Prepared) -> dict[str, Any]:
     return {**p.baseline.__dict__, "skip_producer": None, "skip_consumer": None}
 
 
-def quality_evaluator(cfg: Any) -> Callable[[Any], dict[str, Any]]:
-    """``images -> metrics dict`` for this model's quality config (extractor + reference)."""
+def quality_evaluator(cfg: Any) -> Callable[[Any, Any], dict[str, Any]]:
+    """``(images, prompts) -> metrics dict`` for this model's quality config: a CLIP
+    score (``quality.clip``) or feature metrics (``quality.extractor`` + ``reference``)."""
     q = cfg.model.quality
     if not q:
         raise HarnessError(
             f"model {cfg.model.name} has no quality config (model.quality); use run.mode=generate or cost"
         )
     m = {**OmegaConf.to_container(cfg.metrics, resolve=True), **(q.get("metrics") or {})}
+    if q.get("clip") is not None:
+        return _clip_evaluator(cfg, m)
     if "is" in m["which"] and cfg.run.num_samples < m["is_split_size"]:
         raise HarnessError(
             f"run.num_samples={cfg.run.num_samples} is smaller than the IS split size "
@@ -209,7 +225,7 @@ def quality_evaluator(cfg: Any) -> Callable[[Any], dict[str, Any]]:
         reason = str(e.__cause__) if e.__cause__ is not None else str(e).strip().splitlines()[0]
         raise HarnessError(f"model.quality of {cfg.model.name}: {reason}") from None
 
-    def evaluate(images: Any) -> dict[str, Any]:
+    def evaluate(images: Any, prompts: Any = None) -> dict[str, Any]:
         from metrics.evaluate import quality_metrics
 
         try:
@@ -220,6 +236,26 @@ def quality_evaluator(cfg: Any) -> Callable[[Any], dict[str, Any]]:
             )
         except ValueError as e:
             raise HarnessError(str(e)) from None
+
+    return evaluate
+
+
+def _clip_evaluator(cfg: Any, m: dict[str, Any]) -> Callable[[Any, Any], dict[str, Any]]:
+    from metrics.clip_score import ClipScorer
+    from metrics.features import MissingWeightsError
+
+    try:
+        scorer = ClipScorer(
+            m["clip_model"], m["clip_pretrained"], checkpoint=m["clip_checkpoint"],
+            device=m["device"] or cfg.run.device,
+        )
+    except (MissingWeightsError, RuntimeError) as e:
+        raise HarnessError(str(e).strip().splitlines()[0]) from None
+    protocol = f"open_clip/{m['clip_model']}/{m['clip_pretrained'] or 'random-init'}"
+
+    def evaluate(images: Any, prompts: Any) -> dict[str, Any]:
+        value, record = scorer.score(images, prompts, batch_size=m["batch_size"], progress=cfg.run.progress)
+        return {"protocol": protocol, "clip_score": value, **record}
 
     return evaluate
 

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from bench import generate, models
+from bench.pipeline import Pixels
 from bench.runner import run
 from bench.store import ImageStore
 from harness import ROOT, compose_cfg, run_py
@@ -33,7 +34,7 @@ def digits():
 def _images(loaded, cfg, settings, indices, batch_size, root):
     cfg.run.batch_size = batch_size
     store = ImageStore(root, {"test": str(root)})
-    generate.generate(loaded, cfg, settings, store, indices)
+    generate.generate(loaded, cfg, settings, store, indices, Pixels())
     return store.load(indices)
 
 
@@ -159,7 +160,7 @@ def test_regression_on_a_fixed_subset(tmp_path):
         (["model.pretrained=/nonexistent/weights"], "model.pretrained='/nonexistent/weights': no such directory"),
         (["sampler=no_such_sampler"], "Could not find 'sampler/no_such_sampler'"),
         (["run.mode=generate", "run.num_samples=2", "run.shards=3"], "run.shards=3 must be between 1 and run.num_samples=2"),
-        (["run.store_dir={tmp}/a_file/store"], "run.store_dir="),
+        (["run.mode=generate", "run.store_dir={tmp}/a_file/store"], "run.store_dir="),
         (["hydra.run.dir={tmp}/a_file/out"], "cannot be created"),
     ],
 )
