@@ -54,18 +54,22 @@ def prompts_digest(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
 
 
+def _from_pretrained(cls: type, where: str, subfolder: str) -> Any:
+    try:
+        return cls.from_pretrained(where, subfolder=subfolder)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise HarnessError(f"model.pretrained={where!r}: cannot load {subfolder}/ ({first})") from None
+
+
 class TextConditioner:
     """CLIP text encoder + tokenizer of a Stable Diffusion directory."""
 
     def __init__(self, where: str, device: str, dtype: torch.dtype):
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer")
-            self.encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder")
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0]
-            raise HarnessError(f"model.pretrained={where!r}: cannot load the text encoder ({first})") from None
+        self.tokenizer = _from_pretrained(CLIPTokenizer, where, "tokenizer")
+        self.encoder = _from_pretrained(CLIPTextModel, where, "text_encoder")
         self.encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     @torch.inference_mode()
@@ -83,11 +87,7 @@ class VaeDecoder:
     def __init__(self, where: str, device: str, dtype: torch.dtype):
         from diffusers import AutoencoderKL
 
-        try:
-            self.vae = AutoencoderKL.from_pretrained(where, subfolder="vae")
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0]
-            raise HarnessError(f"model.pretrained={where!r}: cannot load the VAE ({first})") from None
+        self.vae = _from_pretrained(AutoencoderKL, where, "vae")
         self.vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     @torch.inference_mode()
