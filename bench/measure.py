@@ -108,9 +108,7 @@ def timing_record(
             {"baseline": loop_fn(loaded, cfg, baseline, batch), "cached": loop_fn(loaded, cfg, settings, batch)},
             **common,
         )
-        base, cached = res["baseline"], res["cached"]
-        t_base, t_cached = base.median_time_s, cached.median_time_s
-        spread = {k: [round(x, 6) for x in v.times_s] for k, v in res.items()}
+        t_base, t_cached = res["baseline"].median_time_s, res["cached"].median_time_s
     elif method == "calls":
         probe = CacheSettings(interval=2, branch=settings.branch)
         with torch.inference_mode(), deepcache(loaded.unet, probe) as state:
@@ -119,7 +117,6 @@ def timing_record(
         n_full = len(full_calls)
         t_base = num_calls * t_full + t_sched
         t_cached = n_full * t_full + (num_calls - n_full) * t_retr + t_sched
-        spread = {k: [round(x, 6) for x in v.times_s] for k, v in res.items()}
     else:
         raise ValueError(f"run.timing={method!r} is not one of {', '.join(TIMING_METHODS)}")
     return {
@@ -131,7 +128,7 @@ def timing_record(
         "timing_repeats": cfg.run.timing_repeats,
         "timing_warmup": cfg.run.timing_warmup,
         "timing_threads": torch.get_num_threads(),
-        "timing_raw_s": spread,
+        "timing_raw_s": {k: [round(x, 6) for x in v.times_s] for k, v in res.items()},
     }
 
 

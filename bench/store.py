@@ -46,6 +46,17 @@ class ImageStore:
         except OSError as e:
             raise HarnessError(f"run.store_dir={str(root)!r} is not writable ({e.strerror})") from None
 
+    @classmethod
+    def existing(cls, directory: str | Path) -> "ImageStore":
+        """Reopen a store directory (as recorded in a run's ``store`` field)."""
+        directory = Path(directory)
+        key_file = directory / "key.json"
+        if not key_file.is_file():
+            raise HarnessError(f"{directory} is not an image store (no key.json)")
+        store = cls.__new__(cls)
+        store.key, store.dir = json.loads(key_file.read_text()), directory
+        return store
+
     def shards(self) -> list[tuple[int, int, Path]]:
         out = []
         for p in self.dir.iterdir():

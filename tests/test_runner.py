@@ -58,11 +58,9 @@ def test_same_images_for_one_or_two_shards(tmp_path):
         run(compose_cfg(*common, "run.shards=2", f"run.shard={shard}", f"run.store_dir={tmp_path}/s2"),
             tmp_path / f"o2_{shard}")
     rec = json.loads(whole.read_text())
-    a = ImageStore.__new__(ImageStore)
-    a.dir = Path(rec["store"])
-    b = ImageStore.__new__(ImageStore)
-    b.dir = tmp_path / "s2" / Path(rec["store"]).name
-    assert b.dir.is_dir()  # same settings -> same store key, whatever the split
+    a = ImageStore.existing(rec["store"])
+    # same settings -> same store key, whatever the split
+    b = ImageStore.existing(tmp_path / "s2" / Path(rec["store"]).name)
     assert np.array_equal(a.load(range(6)), b.load(range(6)))
     parts = [json.loads((tmp_path / f"o2_{s}" / "run.json").read_text())["sample_indices"] for s in (0, 1)]
     assert parts == [[0, 3], [3, 6]]
@@ -91,8 +89,7 @@ def test_kill_and_resume_generates_no_sample_twice(tmp_path):
     assert resumed["generation"]["generated"] == 24 - done_before
     fresh = json.loads(run(compose_cfg(*args, f"run.store_dir={tmp_path}/fresh"), tmp_path / "fresh").read_text())
     assert fresh["generation"]["generated"] == 24
-    s1, s2 = ImageStore.__new__(ImageStore), ImageStore.__new__(ImageStore)
-    s1.dir, s2.dir = Path(resumed["store"]), Path(fresh["store"])
+    s1, s2 = ImageStore.existing(resumed["store"]), ImageStore.existing(fresh["store"])
     assert np.array_equal(s1.load(range(24)), s2.load(range(24)))
     # a rerun now finds everything on disk
     again = json.loads(run(compose_cfg(*args, f"run.store_dir={store}"), tmp_path / "again").read_text())

@@ -46,9 +46,7 @@ def setup(tmp_path_factory):
 
 
 def _store_images(path: str) -> np.ndarray:
-    store = ImageStore.__new__(ImageStore)
-    store.dir = __import__("pathlib").Path(path)
-    return store.load(range(4))
+    return ImageStore.existing(path).load(range(4))
 
 
 def _diffusers_images(pipe, cached: bool) -> np.ndarray:
