@@ -1,36 +1,40 @@
 """Cost of a cached sampling run: MACs per call (two conventions) and throughput.
 
-MACs (FACTS.md section 3): counted once per kind of call -- one full call, one
-retrieval call at the configured branch -- on a meta-device copy of the U-Net (no
-weights, no compute), per image, without doubling for classifier-free guidance,
-then averaged over the run's schedule of full calls.
+MACs (``docs/conventions.md`` §3): counted once per kind of call -- one full call,
+one retrieval call at the configured branch -- on a meta-device copy of the U-Net
+(no weights, no compute), per image, without doubling for classifier-free guidance,
+then averaged over the run's schedule of full calls (:mod:`bench.macs`).
 
-Throughput, two methods (``run.timing``):
+Throughput (:mod:`bench.timing`: alternating rounds, per-arm minimum, bootstrap
+interval, rounds added until the speed-up is known to ``run.timing_precision``),
+two methods (``run.timing``):
 
 * ``loop``: whole denoising loops (U-Net + scheduler; no VAE, text encoder or
-  image I/O), baseline and cached interleaved in one process, warm-up excluded,
-  median of ``run.timing_repeats``. This is the paper's measurement.
-* ``calls``: one full call, one retrieval call and one scheduler-only loop are
-  timed, interleaved; a loop's time is composed from the schedule,
-  ``n_full * t_full + n_retrieval * t_retrieval + t_scheduler``. Much cheaper for
-  sweeps (e.g. supplementary Table 13's twelve branches); the README compares it
-  with ``loop`` on the same setting.
+  image I/O), baseline and cached. This is the paper's measurement.
+* ``calls``: one full call, one retrieval call and one scheduler-only loop per
+  round; a loop's time is composed from the schedule,
+  ``n_full * t_full + n_retrieval * t_retrieval + t_scheduler``. Its rounds take
+  milliseconds, so both arms see the same load and a busy machine leaves many
+  undisturbed rounds for the minimum.
+* ``auto`` (default): ``loop`` on CUDA, and on a CPU when one baseline loop takes
+  at most ``run.timing_loop_max_s``; ``calls`` otherwise.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any, Callable
 
 import torch
 
-from bench import cost, sampling
+from bench import macs, sampling, timing
 from bench.engine import CacheSettings, deepcache
 from bench.models import LoadedModel, random_context
+from bench.options import Timing, value
 
-TIMING_METHODS = ("loop", "calls", "off")
 
-
-def call_macs(loaded: LoadedModel, mcfg: Any, settings: CacheSettings) -> tuple[cost.MacCount, cost.MacCount]:
+def call_macs(loaded: LoadedModel, mcfg: Any, settings: CacheSettings) -> tuple[macs.MacCount, macs.MacCount]:
     """MACs of one full and one retrieval call for one image (batch 1, no CFG doubling)."""
     unet = loaded.unet
     with torch.device("meta"):
@@ -40,8 +44,8 @@ def call_macs(loaded: LoadedModel, mcfg: Any, settings: CacheSettings) -> tuple[
     kwargs = {k: v.to("meta") for k, v in random_context(mcfg, meta, 1, seed=0).items()}
     probe = CacheSettings(interval=2, branch=settings.branch)
     with deepcache(meta, probe) as state:
-        full = cost.count_macs(meta, x, t, **kwargs)
-        retrieval = cost.count_macs(meta, x, t, **kwargs)
+        full = macs.count_macs(meta, x, t, **kwargs)
+        retrieval = macs.count_macs(meta, x, t, **kwargs)
     assert state.full_calls == [0] and state.retrieval_calls == 1
     return full, retrieval
 
@@ -49,19 +53,23 @@ def call_macs(loaded: LoadedModel, mcfg: Any, settings: CacheSettings) -> tuple[
 def macs_record(
     loaded: LoadedModel, mcfg: Any, settings: CacheSettings, full_calls: list[int], num_calls: int
 ) -> dict[str, float]:
+    """MACs in G per image and model call: averaged over the run, and of one full / retrieval call."""
     full, retrieval = call_macs(loaded, mcfg, settings)
-    avg = cost.average_macs(full, retrieval, full_calls, num_calls)
+    avg = macs.average_macs(full, retrieval, full_calls, num_calls)
     return {
-        "macs_paper": float(avg.paper),
-        "macs_all": float(avg.all),
-        "macs_full_paper": float(full.paper),
-        "macs_full_all": float(full.all),
-        "macs_retrieval_paper": float(retrieval.paper),
-        "macs_retrieval_all": float(retrieval.all),
+        "macs_g": avg.paper / 1e9,
+        "macs_all_g": avg.all / 1e9,
+        "macs_full_g": full.paper / 1e9,
+        "macs_retrieval_g": retrieval.paper / 1e9,
+        "macs_full_all_g": full.all / 1e9,
         "macs_predicted_speedup": float(full.paper / avg.paper),
-        "macs_convention": "per image, per model call, averaged over the run; no CFG doubling; "
-        "paper = conv + linear, all = + attention matmuls",
     }
+
+
+MACS_CONVENTION = (
+    "G per image, per model call, averaged over the run; no CFG doubling; "
+    "macs = conv + linear (paper), macs_all = + attention matmuls"
+)
 
 
 def _inputs(loaded: LoadedModel, cfg: Any, batch: int):
@@ -74,6 +82,13 @@ def _inputs(loaded: LoadedModel, cfg: Any, batch: int):
     if cond and cfg.model.guidance_scale > 1:
         uncond = random_context(cfg.model, unet, batch, seed=cfg.run.seed + 1)
     return gens, noise, cond, uncond
+
+
+def _model_inputs(noise: torch.Tensor, cond: dict, uncond: dict | None) -> tuple[torch.Tensor, dict]:
+    """The U-Net's input of one call: with guidance, the unconditional and conditional halves as one batch."""
+    if uncond is None:
+        return noise, cond
+    return torch.cat([noise, noise]), {k: torch.cat([uncond[k], cond[k]]) for k in cond}
 
 
 def loop_fn(loaded: LoadedModel, cfg: Any, settings: CacheSettings, batch: int) -> Callable[[], torch.Tensor]:
@@ -93,43 +108,89 @@ def loop_fn(loaded: LoadedModel, cfg: Any, settings: CacheSettings, batch: int) 
     return run
 
 
+def resolve_method(loaded: LoadedModel, cfg: Any, num_calls: int) -> str:
+    """``run.timing`` with ``auto`` resolved (see the module docstring)."""
+    method = value(cfg.run.timing)
+    if method != Timing.auto:
+        return method
+    if torch.device(cfg.run.device).type == "cuda":
+        return Timing.loop.value
+    gens, noise, cond, uncond = _inputs(loaded, cfg, cfg.run.timing_batch_size)
+    x, kwargs = _model_inputs(noise, cond, uncond)
+    t = torch.tensor(500, device=noise.device)
+    with torch.inference_mode():
+        loaded.unet(x, t, **kwargs)  # warm-up
+        t0 = time.perf_counter()
+        loaded.unet(x, t, **kwargs)
+        estimate = num_calls * (time.perf_counter() - t0)
+    return Timing.loop.value if estimate <= cfg.run.timing_loop_max_s else Timing.calls.value
+
+
+def loop_times(num_calls: int, n_full: int) -> Callable[[dict], tuple[Any, Any]]:
+    """``calls`` composition: per-call times -> (baseline loop, cached loop)."""
+
+    def compose(t: dict) -> tuple[Any, Any]:
+        full, retr, sched = t["full_call"], t["retrieval_call"], t["scheduler"]
+        return num_calls * full + sched, n_full * full + (num_calls - n_full) * retr + sched
+
+    return compose
+
+
 def timing_record(
-    loaded: LoadedModel, cfg: Any, settings: CacheSettings, full_calls: list[int], num_calls: int
-) -> dict[str, Any]:
-    method = getattr(cfg.run.timing, "value", cfg.run.timing)
-    batch = cfg.run.timing_batch_size
+    loaded: LoadedModel, cfg: Any, settings: CacheSettings, full_calls: list[int], num_calls: int,
+    *, timer: Callable[[], float] = time.perf_counter,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Throughput of the baseline and the cached loop, the speed-up with its interval (the
+    table's measurements), and the timing's details (rounds, raw times, machine load)."""
+    method = resolve_method(loaded, cfg, num_calls)
+    r, batch = cfg.run, cfg.run.timing_batch_size
     common = dict(
-        images_per_call=batch, warmup=cfg.run.timing_warmup, repeats=cfg.run.timing_repeats,
-        device=cfg.run.device, dtype=cfg.run.dtype,
+        warmup=r.timing_warmup, min_rounds=r.timing_repeats, precision=r.timing_precision,
+        budget_s=r.timing_budget_s, device=r.device, timer=timer,
     )
-    if method == "loop":
+    if method == Timing.loop:
         baseline = CacheSettings(interval=1, branch=settings.branch, schedule="none")
-        res = cost.measure_throughput(
-            {"baseline": loop_fn(loaded, cfg, baseline, batch), "cached": loop_fn(loaded, cfg, settings, batch)},
-            **common,
-        )
-        t_base, t_cached = res["baseline"].median_time_s, res["cached"].median_time_s
-    elif method == "calls":
+        arms = {"baseline": loop_fn(loaded, cfg, baseline, batch), "cached": loop_fn(loaded, cfg, settings, batch)}
+        result = timing.time_ratio(arms, lambda t: (t["baseline"], t["cached"]), **common)
+    elif method == Timing.calls:
         probe = CacheSettings(interval=2, branch=settings.branch)
         with torch.inference_mode(), deepcache(loaded.unet, probe) as state:
-            res = cost.measure_throughput(_call_variants(loaded, cfg, state, batch), **common)
-        t_full, t_retr, t_sched = (res[k].median_time_s for k in ("full_call", "retrieval_call", "scheduler"))
-        n_full = len(full_calls)
-        t_base = num_calls * t_full + t_sched
-        t_cached = n_full * t_full + (num_calls - n_full) * t_retr + t_sched
+            arms = _call_variants(loaded, cfg, state, batch)
+            result = timing.time_ratio(arms, loop_times(num_calls, len(full_calls)), **common)
     else:
-        raise ValueError(f"run.timing={method!r} is not one of {', '.join(TIMING_METHODS)}")
-    return {
-        "throughput": batch / t_cached,
-        "throughput_baseline": batch / t_base,
-        "speedup": t_base / t_cached,
+        raise ValueError(f"run.timing={method!r} is not one of {', '.join(Timing.names())}")
+    if result.warning:
+        print(f"warning: timing: {result.warning}", file=sys.stderr)
+    est = result.estimate
+    measurements = {
+        "throughput": batch / result.denominator_s,
+        "throughput_baseline": batch / result.numerator_s,
+        "speedup": est.value,
+        "speedup_low": est.low,
+        "speedup_high": est.high,
+        "speedup_pm": est.rel_halfwidth,
+        "timing_reliable": result.reliable,
         "timing_method": method,
         "timing_batch_size": batch,
-        "timing_repeats": cfg.run.timing_repeats,
-        "timing_warmup": cfg.run.timing_warmup,
-        "timing_threads": torch.get_num_threads(),
-        "timing_raw_s": {k: [round(x, 6) for x in v.times_s] for k, v in res.items()},
     }
+    details = {
+        "method": method,
+        "estimator": "per-arm minimum over alternating rounds; speed-up interval: bootstrap over rounds",
+        "confidence": est.confidence,
+        "precision_target": result.precision,
+        "rounds": result.rounds,
+        "warmup": result.warmup,
+        "elapsed_s": result.elapsed_s,
+        "foreign_load": result.foreign_load,
+        "warning": result.warning,
+        "threads": torch.get_num_threads(),
+        "baseline_s": result.numerator_s,
+        "cached_s": result.denominator_s,
+        "min_s": result.arm_min_s,
+        "median_s": result.arm_median_s,
+        "raw_s": {k: [round(x, 7) for x in v] for k, v in result.times_s.items()},
+    }
+    return measurements, details
 
 
 def _call_variants(loaded: LoadedModel, cfg: Any, state: Any, batch: int) -> dict[str, Callable]:
@@ -137,10 +198,7 @@ def _call_variants(loaded: LoadedModel, cfg: Any, state: Any, batch: int) -> dic
     1:2 plan) and one scheduler-only loop."""
     unet = loaded.unet
     gens, noise, cond, uncond = _inputs(loaded, cfg, batch)
-    kwargs, x = cond, noise
-    if uncond is not None:
-        kwargs = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-        x = torch.cat([noise, noise])
+    x, kwargs = _model_inputs(noise, cond, uncond)
     t = torch.tensor(500, device=noise.device)
 
     def full_call():
@@ -148,9 +206,10 @@ def _call_variants(loaded: LoadedModel, cfg: Any, state: Any, batch: int) -> dic
         unet(x, t, **kwargs)
 
     def retrieval_call():
-        if state.calls != 1:
-            raise RuntimeError("timing: a retrieval call must follow a full call")
-        unet(x, t, **kwargs)  # call 1: retrieval
+        if state.stored is None:
+            raise RuntimeError("timing: a full call must fill the cache before a retrieval call")
+        state.calls = 1  # call 1 of the 1:2 plan: retrieval, from what the last full call stored
+        unet(x, t, **kwargs)
 
     def scheduler_only():
         scheduler = sampling.build_scheduler(cfg.sampler, loaded.scheduler_config)

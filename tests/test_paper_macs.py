@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench import cost, measure, models
+from bench import macs, measure, models
 from bench.engine import CacheSettings
 from bench.schedules import uniform_full_calls
 from harness import compose_cfg
@@ -25,7 +25,7 @@ def per_call(model: str, branch: int):
 
 
 def average_g(full, retrieval, interval: int, calls: int) -> float:
-    return cost.average_macs(full, retrieval, uniform_full_calls(calls, interval), calls).paper / 1e9
+    return macs.average_macs(full, retrieval, uniform_full_calls(calls, interval), calls).paper / 1e9
 
 
 def test_ldm4g_table1_branch1_ddim250():

@@ -1,30 +1,20 @@
-"""Tests for bench/cost.py (CPU only, fast).
+"""Tests for bench/macs.py (CPU only, fast).
 
-Reference values: /work/shared/paper/FACTS.md §3 (MACs conventions): SD v1.5
+Reference values: docs/conventions.md §3 (MACs conventions): SD v1.5
 U-Net 338.6 G conv+linear (paper 338.83 G), ≈401.6 G with attention matmuls;
 CIFAR-10 U-Net 6.05 G (paper 6.1 G).
 """
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import cost
+from bench import macs
 from bench.schedules import uniform_full_calls
-from bench.cost import (
-    MacCount,
-    average_macs,
-    count_macs,
-    measure_throughput,
-    per_image,
-    sdpa_macs,
-    speedup,
-)
+from bench.macs import MacCount, average_macs, count_macs, per_image, sdpa_macs
 
 # --------------------------------------------------------------------------- #
 # Toy module with hand-computed MACs
@@ -161,7 +151,7 @@ def test_sdpa_formula_equals_explicit_matmuls():
 
 def test_sdpa_formula_in_counter_for_cpu_flash_kernel():
     aten = torch.ops.aten
-    extra = cost._extra_flop_formulas()
+    extra = macs._extra_flop_formulas()
     assert aten._scaled_dot_product_flash_attention_for_cpu in extra
     shapes = ((2, 3, 5, 4), (2, 3, 7, 4), (2, 3, 7, 4))
     assert extra[aten._scaled_dot_product_flash_attention_for_cpu](*shapes) == 2 * sdpa_macs(*shapes)
@@ -196,7 +186,7 @@ def test_nested_counted_modules_not_double_counted():
 
 
 # --------------------------------------------------------------------------- #
-# Real architectures (FACTS §3)
+# Real architectures (docs/conventions.md §3)
 # --------------------------------------------------------------------------- #
 CIFAR10_CFG = dict(
     block_out_channels=[128, 256, 256, 256],
@@ -242,7 +232,7 @@ def test_cifar10_unet_macs():
     x = torch.randn(1, 3, 32, 32)
     t = torch.tensor([500])
     m_cpu = count_macs(unet, x, t)
-    # FACTS §3: 6.05 G conv+linear (paper Table: 6.1 G)
+    # docs/conventions.md §3: 6.05 G conv+linear (paper Table: 6.1 G)
     assert m_cpu.paper == pytest.approx(6.05e9, rel=5e-3)
     assert m_cpu.all > m_cpu.paper  # attention matmuls exist in the 16x16 attention blocks
 
@@ -270,19 +260,16 @@ def test_cifar10_unet_macs():
 
 def test_sd15_unet_macs_on_meta():
     diffusers = pytest.importorskip("diffusers")
-    t0 = time.perf_counter()
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel.from_config(SD15_CFG)
         x = torch.empty(1, 4, 64, 64)  # 512² image -> 64² latent
         ctx = torch.empty(1, 77, 768)  # CLIP text context
         t = torch.tensor([999])
     m = count_macs(unet, x, t, encoder_hidden_states=ctx)
-    elapsed = time.perf_counter() - t0
-    # FACTS §3: 338.6 G conv+linear (paper 338.83 G); ≈401.6 G with attention
+    # docs/conventions.md §3: 338.6 G conv+linear (paper 338.83 G); ≈401.6 G with attention
     assert m.paper == pytest.approx(338.6e9, rel=2e-3)
     assert m.all == pytest.approx(401.6e9, rel=1e-2)
     assert set(m.by_module) == {"Conv2d", "Linear"}
-    assert elapsed < 60  # typically ~3 s
 
 
 # --------------------------------------------------------------------------- #
@@ -312,7 +299,7 @@ def test_average_macs_uniform(n):
 
 
 def test_average_macs_ldm4g_table1():
-    # FACTS §3: LDM-4-G DDIM-250, full 99.82 G, retrieval 4.42 G -> Table 1 averages
+    # docs/conventions.md §3: LDM-4-G DDIM-250, full 99.82 G, retrieval 4.42 G -> Table 1 averages
     full, retr = _mc(99.82e9, 0), _mc(4.42e9, 0)
     for n, ref in [(2, 52.1), (3, 36.5), (5, 23.5), (10, 14.0), (20, 9.4)]:
         avg = average_macs(full, retr, uniform_full_calls(250, n), 250)
@@ -334,79 +321,3 @@ def test_average_macs_arbitrary_schedule():
     assert average_macs(full, retr, calls + [0], num).paper == avg.paper
     with pytest.raises(ValueError):
         average_macs(full, retr, [15], num)
-
-
-# --------------------------------------------------------------------------- #
-# measure_throughput / speedup
-# --------------------------------------------------------------------------- #
-def test_throughput_excludes_warmup():
-    calls = {"n": 0}
-
-    def slow_then_fast():
-        calls["n"] += 1
-        time.sleep(0.25 if calls["n"] <= 2 else 0.005)
-
-    res = measure_throughput({"v": slow_then_fast}, images_per_call=1, warmup=2, repeats=3)["v"]
-    assert calls["n"] == 5
-    assert len(res.times_s) == res.repeats == 3 and res.warmup == 2
-    assert max(res.times_s) < 0.2  # the two slow warm-up runs were not timed
-    assert res.min_images_per_s <= res.images_per_s <= res.max_images_per_s
-
-
-def test_throughput_statistics_with_fake_timer():
-    # timer ticks: each timed region reads the timer twice; durations 1, 2, 4 s
-    ticks = iter([0.0, 1.0, 10.0, 12.0, 20.0, 24.0])
-    res = measure_throughput(
-        {"v": lambda: None}, images_per_call=4, warmup=1, repeats=3, timer=lambda: next(ticks)
-    )["v"]
-    assert res.times_s == (1.0, 2.0, 4.0)
-    # rates 4, 2, 1 images/s
-    assert res.images_per_s == 2.0
-    assert (res.min_images_per_s, res.max_images_per_s) == (1.0, 4.0)
-    assert res.iqr_images_per_s == pytest.approx(3.0 - 1.5)  # q75=3, q25=1.5 (linear)
-    assert res.mad_images_per_s == 1.0  # median(|1-2|, |2-2|, |4-2|)
-    assert res.median_time_s == 2.0
-    assert res.context["batch_size"] == 4
-    assert res.context["num_threads"] == torch.get_num_threads()
-
-
-def test_throughput_interleaves_variants():
-    order = []
-    variants = {name: (lambda name=name: order.append(name)) for name in ("baseline", "cached", "other")}
-    res = measure_throughput(variants, images_per_call=2, warmup=2, repeats=3)
-    assert order == ["baseline", "cached", "other"] * (2 + 3)
-    assert res["baseline"].call_positions == (0, 3, 6)
-    assert res["cached"].call_positions == (1, 4, 7)
-    assert res["other"].call_positions == (2, 5, 8)
-
-
-def test_throughput_syncs_cuda_around_timed_regions(monkeypatch):
-    events = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: events.append("sync"))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "fake")
-    clock = {"t": 0.0}
-
-    def timer():
-        events.append("time")
-        clock["t"] += 1.0
-        return clock["t"]
-
-    res = measure_throughput(
-        {"b": lambda: events.append("run")}, images_per_call=1, warmup=1, repeats=2,
-        device="cuda", dtype=torch.float16, timer=timer,
-    )["b"]
-    timed = ["sync", "time", "run", "sync", "time"]
-    assert events == ["run", "sync"] + timed * 2
-    assert res.context["device"] == "cuda" and res.context["dtype"] == "torch.float16"
-
-
-def test_speedup():
-    res = measure_throughput(
-        {"baseline": lambda: time.sleep(0.06), "cached": lambda: time.sleep(0.03)},
-        images_per_call=1, warmup=1, repeats=3,
-    )
-    s = speedup(res, baseline="baseline")
-    assert s["baseline"] == 1.0
-    assert 1.5 < s["cached"] < 2.4
-    with pytest.raises(KeyError):
-        speedup(res, baseline="nope")

@@ -1,17 +1,11 @@
-"""Cost-measurement primitives: MACs counting and throughput timing.
+"""MACs counting: what a model call executes, in the paper's and the all-ops convention.
 
-Two cost measures are used throughout the harness, following
-``/work/shared/paper/FACTS.md`` §3 (MACs conventions):
-
-* **MACs** (multiply-accumulates) of the model calls, reported *per image, per
-  model call, averaged over the run* (full and retrieval calls together),
-  *without* doubling for classifier-free guidance.  The VAE / VQ decoder and the
-  text encoder are not included (FACTS §3) -- :func:`count_macs` only counts
-  what the callable you hand it executes, so pass it the U-Net call alone.
-* **Throughput** (images/s) of whole sampling loops, measured by
-  :func:`measure_throughput` with warm-up, device synchronisation, repeats and
-  interleaved variants; speed-ups are ratios of medians measured in the same
-  call (:func:`speedup`).
+MACs (multiply-accumulates) of the model calls are reported *per image, per model
+call, averaged over the run* (full and retrieval calls together), *without* doubling
+for classifier-free guidance (``docs/conventions.md`` §3).  The VAE / VQ decoder and
+the text encoder are not included -- :func:`count_macs` only counts what the
+callable you hand it executes, so pass it the U-Net call alone.  Timing lives in
+:mod:`bench.timing`.
 
 MACs conventions (both are always reported, see :class:`MacCount`):
 
@@ -19,9 +13,9 @@ MACs conventions (both are always reported, see :class:`MacCount`):
     Convolutions (incl. transposed) and linear layers only, i.e. the MACs of the
     ops executed *inside* ``torch.nn`` convolution / ``nn.Linear`` module calls.
     The paper's counter hooks modules and does not count the attention matrix
-    products QKᵀ and AV (FACTS §3).  GroupNorm / LayerNorm / SiLU / softmax /
+    products QKᵀ and AV (docs/conventions.md §3).  GroupNorm / LayerNorm / SiLU / softmax /
     element-wise ops contribute 0 here.  Measured with random weights this lands
-    within 0.1 % of the paper (FACTS §3): SD v1.5 U-Net at 512² (latent 64²,
+    within 0.1 % of the paper (docs/conventions.md §3): SD v1.5 U-Net at 512² (latent 64²,
     batch 1, context 77×768) 338.6 G per call (paper 338.83 G); CIFAR-10 DDPM
     U-Net (32², batch 1) 6.05 G (paper 6.1 G).
 ``all``
@@ -40,7 +34,7 @@ MACs conventions (both are always reported, see :class:`MacCount`):
     ``_scaled_dot_product_cudnn_attention`` in fp16/bf16, both counted natively
     and equal to the formula.  Bias additions, norms, activations, softmax and other
     element-wise ops are *not* counted in either convention.  Causal masks are
-    ignored (dense count), as in FlopCounterMode.  SD v1.5 ≈ 401.6 G (FACTS §3).
+    ignored (dense count), as in FlopCounterMode.  SD v1.5 ≈ 401.6 G (docs/conventions.md §3).
 
 Both counts are taken in one pass of the real module calls executed by
 ``fn(*args, **kwargs)`` -- nothing is estimated from architecture formulas.  It
@@ -51,8 +45,6 @@ second) as well as on CPU / CUDA with real or random weights.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -68,14 +60,11 @@ __all__ = [
     "average_macs",
     "sdpa_macs",
     "PAPER_MODULE_TYPES",
-    "ThroughputResult",
-    "measure_throughput",
-    "speedup",
 ]
 
 Number = int | float
 
-# Module types whose calls make up the ``paper`` convention (FACTS §3:
+# Module types whose calls make up the ``paper`` convention (docs/conventions.md §3:
 # convolutions + linear layers; ``_ConvNd`` covers Conv1/2/3d and the
 # ConvTranspose variants, and subclasses such as diffusers' LoRA-compatible
 # layers).  NB: ``nn.MultiheadAttention`` uses its projection weights through
@@ -94,7 +83,7 @@ class MacCount:
     Attributes
     ----------
     paper:
-        Conv + linear MACs (paper convention, FACTS §3).  ``int`` as measured;
+        Conv + linear MACs (paper convention, docs/conventions.md §3).  ``int`` as measured;
         ``float`` after :func:`per_image` / :func:`average_macs` divisions.
     all:
         All counted MACs incl. attention matrix products (see module docstring).
@@ -315,7 +304,7 @@ def per_image(count: MacCount, batch_size: int, cfg_doubled: bool = False, *, co
 
     With classifier-free guidance the U-Net typically runs on a doubled batch
     (``cfg_doubled=True``: 2·batch_size latents, conditional + unconditional).
-    The paper reports MACs per image *without* the CFG doubling (FACTS §3), i.e.
+    The paper reports MACs per image *without* the CFG doubling (docs/conventions.md §3), i.e.
     the cost of one U-Net sample, so by default the count is divided by
     ``2 * batch_size``.  Pass ``count_guidance=True`` to get the true cost per
     generated image instead (divide by ``batch_size`` only: both CFG passes).
@@ -328,7 +317,7 @@ def per_image(count: MacCount, batch_size: int, cfg_doubled: bool = False, *, co
 
 
 def average_macs(full: MacCount, retrieval: MacCount, full_calls: Iterable[int], num_calls: int) -> MacCount:
-    """Average MACs per model call over a run (FACTS §3; Table 1 / Table 13 MACs).
+    """Average MACs per model call over a run (docs/conventions.md §3; Table 1 / Table 13 MACs).
 
     ``(Σ_{i<num_calls} cost_i) / num_calls`` with ``cost_i = full`` if ``i`` is in
     ``full_calls`` and ``retrieval`` otherwise.  Counting strategy: count one
@@ -336,7 +325,7 @@ def average_macs(full: MacCount, retrieval: MacCount, full_calls: Iterable[int],
     :func:`per_image`), then average here with the engine's list of full calls.
     For uniform N dividing ``num_calls`` this is ``(full + (N−1)·retrieval)/N``
     (e.g. LDM-4-G, DDIM-250: 99.82 G / 4.42 G → 52.1, 36.5, 23.5, 14.0, 9.4 G for
-    N = 2, 3, 5, 10, 20, main Table 1 via FACTS §3).
+    N = 2, 3, 5, 10, 20, main Table 1 via docs/conventions.md §3).
     """
     if num_calls <= 0:
         raise ValueError("num_calls must be positive")
@@ -347,178 +336,3 @@ def average_macs(full: MacCount, retrieval: MacCount, full_calls: Iterable[int],
     n_full = len(full_set)
     total = full * n_full + retrieval * (num_calls - n_full)
     return total / num_calls
-
-
-# --------------------------------------------------------------------------- #
-# Throughput
-# --------------------------------------------------------------------------- #
-@dataclass(frozen=True)
-class ThroughputResult:
-    """Timing of one variant from :func:`measure_throughput`.
-
-    Throughputs are in images/s (``images_per_call / seconds``); ``images_per_s``
-    is the median over the timed repeats.  Spread: ``min``/``max`` images/s, the
-    interquartile range ``iqr_images_per_s`` and the median absolute deviation
-    ``mad_images_per_s`` of the per-repeat throughputs.  ``times_s`` holds every
-    timed repeat in order (warm-up runs are never timed and never included);
-    ``call_positions`` are the indices of those runs in the interleaved schedule
-    of the whole measurement (0-based, warm-up excluded).
-    """
-
-    name: str
-    images_per_call: int
-    warmup: int
-    repeats: int
-    times_s: tuple[float, ...]
-    call_positions: tuple[int, ...]
-    images_per_s: float
-    min_images_per_s: float
-    max_images_per_s: float
-    iqr_images_per_s: float
-    mad_images_per_s: float
-    median_time_s: float
-    context: dict[str, Any]
-
-    @property
-    def rel_iqr(self) -> float:
-        """IQR / median throughput (a relative spread)."""
-        return self.iqr_images_per_s / self.images_per_s if self.images_per_s else float("nan")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["times_s"] = list(self.times_s)
-        d["call_positions"] = list(self.call_positions)
-        d["context"] = dict(self.context)
-        return d
-
-
-def _quantile(sorted_xs: Sequence[float], q: float) -> float:
-    # Linear interpolation between order statistics (numpy's default method).
-    if not sorted_xs:
-        return float("nan")
-    pos = (len(sorted_xs) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
-
-
-def _make_sync(device: Any) -> Callable[[], None]:
-    if device is None:
-        # Unknown device: synchronise CUDA anyway if it is in use in this process.
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            return torch.cuda.synchronize
-        return lambda: None
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return lambda: torch.cuda.synchronize(dev)
-    if dev.type == "mps":
-        return torch.mps.synchronize
-    return lambda: None
-
-
-def measure_throughput(
-    variants: Mapping[str, Callable[[], Any]],
-    *,
-    images_per_call: int,
-    warmup: int = 2,
-    repeats: int = 5,
-    device: Any = None,
-    dtype: Any = None,
-    context: Mapping[str, Any] | None = None,
-    timer: Callable[[], float] = time.perf_counter,
-) -> dict[str, ThroughputResult]:
-    """Time several variants of a sampling run, interleaved, and report images/s.
-
-    Each callable should run one whole unit of work producing ``images_per_call``
-    images -- e.g. one full denoising loop, **U-Net + scheduler only** (no VAE /
-    text encoder / image I/O / prompt encoding: preparing inputs and decoding is
-    the caller's business and must happen outside the callable).
-
-    Protocol:
-
-    1. warm-up: every variant runs ``warmup`` times, round-robin, untimed;
-    2. ``repeats`` rounds; in each round every variant runs once in the order
-       of ``variants`` (round-robin: baseline, cached, baseline, cached, …) so
-       that slow machine drift affects all variants alike;
-    3. each timed region is ``sync(); t0 = perf_counter(); fn(); sync(); t1``,
-       where ``sync`` is ``torch.cuda.synchronize(device)`` for a CUDA device
-       (for ``device=None`` CUDA is synchronised if it is initialised; nothing
-       is synchronised on CPU).
-
-    Returns ``{name: ThroughputResult}`` with the median images/s, the spread
-    (min/max, IQR, MAD), every raw time and the context: ``batch_size``
-    (= ``images_per_call``), ``device``, ``dtype``, ``torch.get_num_threads()``,
-    torch version, CUDA device name, plus any ``context`` entries given.
-    """
-    if not variants:
-        raise ValueError("no variants")
-    if images_per_call <= 0 or repeats <= 0 or warmup < 0:
-        raise ValueError("images_per_call and repeats must be positive, warmup >= 0")
-    names = list(variants)
-    sync = _make_sync(device)
-
-    for _ in range(warmup):
-        for name in names:
-            variants[name]()
-    sync()
-
-    times: dict[str, list[float]] = {n: [] for n in names}
-    positions: dict[str, list[int]] = {n: [] for n in names}
-    pos = 0
-    for _ in range(repeats):
-        for name in names:
-            fn = variants[name]
-            sync()
-            t0 = timer()
-            fn()
-            sync()
-            t1 = timer()
-            times[name].append(t1 - t0)
-            positions[name].append(pos)
-            pos += 1
-
-    ctx: dict[str, Any] = {
-        "batch_size": images_per_call,
-        "device": str(device) if device is not None else None,
-        "dtype": str(dtype) if dtype is not None else None,
-        "num_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "timer": getattr(timer, "__name__", str(timer)),
-        "order": "interleaved round-robin: " + ", ".join(names),
-    }
-    if device is not None and torch.device(device).type == "cuda":
-        ctx["cuda_device_name"] = torch.cuda.get_device_name(torch.device(device))
-    if context:
-        ctx.update(context)
-
-    results: dict[str, ThroughputResult] = {}
-    for name in names:
-        ts = times[name]
-        rates = sorted(images_per_call / t if t > 0 else float("inf") for t in ts)
-        med = statistics.median(rates)
-        mad = statistics.median(abs(r - med) for r in rates)
-        results[name] = ThroughputResult(
-            name=name,
-            images_per_call=images_per_call,
-            warmup=warmup,
-            repeats=repeats,
-            times_s=tuple(ts),
-            call_positions=tuple(positions[name]),
-            images_per_s=med,
-            min_images_per_s=rates[0],
-            max_images_per_s=rates[-1],
-            iqr_images_per_s=_quantile(rates, 0.75) - _quantile(rates, 0.25),
-            mad_images_per_s=mad,
-            median_time_s=statistics.median(ts),
-            context=dict(ctx),
-        )
-    return results
-
-
-def speedup(results: Mapping[str, ThroughputResult], baseline: str = "baseline") -> dict[str, float]:
-    """Speed-up of every variant vs ``baseline`` measured in the same
-    :func:`measure_throughput` call: ratio of median images/s (baseline → 1.0)."""
-    if baseline not in results:
-        raise KeyError(f"baseline {baseline!r} not in results {list(results)}")
-    base = results[baseline].images_per_s
-    return {name: r.images_per_s / base for name, r in results.items()}
