@@ -3,35 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from metrics.files import atomic_write_bytes
+
 RECORD_NAME = "run.json"
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON through a temp file + rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=_jsonable)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write JSON atomically (:func:`metrics.files.atomic_write`)."""
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n"
+    return atomic_write_bytes(path, text.encode())
 
 
 def _jsonable(o: Any) -> Any:

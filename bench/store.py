@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from bench.config import HarnessError
+from metrics.files import atomic_write, atomic_write_bytes
 
 STORE_VERSION = 1
 _SHARD = re.compile(r"^samples_(\d{7})_(\d{7})\.npz$")
@@ -42,7 +41,7 @@ class ImageStore:
             self.dir.mkdir(parents=True, exist_ok=True)
             key_file = self.dir / "key.json"
             if not key_file.exists():
-                _atomic_write_bytes(key_file, json.dumps(key, indent=2, sort_keys=True, default=str).encode())
+                atomic_write_bytes(key_file, json.dumps(key, indent=2, sort_keys=True, default=str).encode())
         except OSError as e:
             raise HarnessError(f"run.store_dir={str(root)!r} is not writable ({e.strerror})") from None
 
@@ -78,14 +77,7 @@ class ImageStore:
             raise ValueError(f"expected uint8 NHWC images, got {images.dtype} {images.shape}")
         stop = start + len(images)
         path = self.dir / f"samples_{start:07d}_{stop:07d}.npz"
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp_", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, arr_0=images, indices=np.arange(start, stop))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: np.savez(f, arr_0=images, indices=np.arange(start, stop)))
         return path
 
     def load(self, indices: range) -> np.ndarray:
@@ -128,14 +120,3 @@ def shard_range(num_samples: int, shards: int, shard: int) -> range:
         raise HarnessError(f"run.shard={shard} must be between 0 and run.shards-1={shards - 1}")
     bounds = np.linspace(0, num_samples, shards + 1).round().astype(int)
     return range(int(bounds[shard]), int(bounds[shard + 1]))
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from metrics.files import atomic_write
 from metrics.features import INCEPTION_NAME, FeatureExtractor, check_images
 from metrics.fid import statistics
 from metrics.hashing import array_digest, file_digest, new_hasher, update_with_array
@@ -199,18 +200,7 @@ class _Cache:
             return {name: npz[name] for name in npz.files if name != "key"}
 
     def save(self, key: str, **arrays: np.ndarray) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{key[:16]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, key=np.asarray(key), **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path(key))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return self.path(key)
+        return atomic_write(self.path(key), lambda f: np.savez(f, key=np.asarray(key), **arrays), fsync=True)
 
 
 # ----------------------------------------------------------------------------------------- constructors
@@ -340,10 +330,15 @@ def load_reference(path: str | os.PathLike, stats_extractor: str = INCEPTION_NAM
     path = Path(path)
     if path.is_dir():
         return from_folder(path)
+    if not path.exists():
+        raise ValueError(f"reference {path}: no such file or folder")
     if path.suffix != ".npz" or not path.is_file():
         raise ValueError(f"reference {path} is neither an .npz file nor an image folder")
-    with np.load(path) as npz:
-        has_images = "arr_0" in npz.files
+    try:
+        with np.load(path) as npz:
+            has_images = "arr_0" in npz.files
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"reference {path} is not a readable .npz ({type(e).__name__}: {e})") from None
     return from_adm_npz(path, stats_extractor) if has_images else from_stats_npz(path, stats_extractor)
 
 

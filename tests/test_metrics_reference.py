@@ -163,8 +163,14 @@ def test_load_reference_dispatches_on_content(tmp_path):
     np.savez(tmp_path / "stats.npz", mu=np.zeros(2), sigma=np.eye(2))
     assert load_reference(tmp_path / "adm.npz").has_images
     assert not load_reference(tmp_path / "stats.npz").has_images
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ValueError, match="no such file"):
         load_reference(tmp_path / "nothing.txt")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="neither"):
+        load_reference(tmp_path / "notes.txt")
+    (tmp_path / "corrupt.npz").write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        load_reference(tmp_path / "corrupt.npz")
 
 
 def test_folder_loader_and_its_content_hash(tmp_path):
