@@ -9,41 +9,19 @@ samplers (a new model is a new YAML file).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from bench.options import DType, Mode, Schedule, Timing, Weights
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 class HarnessError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
-
-
-class Schedule(str, Enum):
-    uniform = "uniform"
-    nonuniform = "nonuniform"
-    none = "none"
-
-
-class Weights(str, Enum):
-    pretrained = "pretrained"
-    random = "random"
-
-
-class Timing(str, Enum):
-    loop = "loop"  # time whole denoising loops, baseline and cached interleaved
-    calls = "calls"  # time one full / one retrieval call, compose over the schedule
-    off = "off"
-
-
-class Mode(str, Enum):
-    full = "full"  # generate (baseline + cached), quality metrics, cost
-    cost = "cost"  # no weights needed: schedule, MACs, timing
-    generate = "generate"  # images only
 
 
 @dataclass
@@ -88,9 +66,6 @@ class ModelConfig:
     # `pipeline` (a class path, e.g. bench.pipeline.TextToImage) conditions and decodes
     output: str = "pixels"
     pipeline: Optional[str] = None
-    # quality metrics: `extractor` and `reference` are instantiated (_target_), and
-    # `metrics` overrides entries of the top-level metrics config for this model
-    quality: Optional[dict[str, Any]] = None
 
 
 @dataclass
@@ -120,25 +95,29 @@ class RunSettings:
     shards: int = 1
     shard: Optional[int] = None  # generate only this shard (0-based); null: all of them
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: DType = DType.float32
     threads: Optional[int] = None
     store_dir: str = ".cache/store"  # images, keyed by the settings that change them
     save_png: bool = False
-    timing: Timing = Timing.loop  # throughput: whole loops | composed from calls | off
+    # throughput (bench.timing): rounds alternate baseline and cached; each arm's time
+    # is its minimum; rounds are added until the speed-up's 95 % interval is within
+    # timing_precision (relative half-width) or timing_budget_s is spent
+    timing: Timing = Timing.auto  # auto | loop | calls | off
     timing_batch_size: int = 1
-    timing_repeats: int = 3
+    timing_repeats: int = 5  # rounds at least
     timing_warmup: int = 1
+    timing_precision: float = 0.05
+    timing_budget_s: float = 30.0
+    timing_loop_max_s: float = 0.5  # auto on CPU: time whole loops only when one takes at most this
     progress: bool = True
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
 
 
 @dataclass
 class MetricsConfig:
-    """Quality-metric settings (ADM evaluator conventions by default)."""
+    """Where the quality metrics find their inputs and where they run (the protocol itself
+    is the ``quality`` config)."""
 
-    which: list[str] = field(default_factory=lambda: ["fid", "sfid", "is", "precision", "recall"])
-    is_split_size: int = 5000
-    k: int = 3
     batch_size: int = 64
     cache_dir: Optional[str] = ".cache/metrics"
     reference: Optional[str] = None  # reference batch: ADM .npz, mu/sigma .npz or image folder
@@ -156,6 +135,9 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     run: RunSettings = field(default_factory=RunSettings)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # how images are scored: a conf/quality/*.yaml (instantiated, `_target_`); each model
+    # picks one in its defaults list, `quality=<name>` overrides it
+    quality: Optional[Any] = None
 
 
 def register() -> None:
@@ -166,5 +148,11 @@ def register() -> None:
     cs.store(group="schemas", name="model", node=ModelConfig)
     cs.store(group="schemas", name="sampler", node=SamplerConfig)
     cs.store(group="schemas", name="metrics", node=MetricsConfig)
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.deepcache_bench.table_sweeper import TableSweeper  # also stores hydra/sweeper=table
+
+    Plugins.instance().register(TableSweeper)  # whether or not Hydra's plugin scan finds it
+
     if not OmegaConf.has_resolver("pkg"):
         OmegaConf.register_new_resolver("pkg", lambda rel: str(PACKAGE_DIR / rel))

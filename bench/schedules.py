@@ -13,7 +13,9 @@ import math
 
 import numpy as np
 
-SCHEDULES = ("uniform", "nonuniform", "none")
+from bench.options import Schedule
+
+SCHEDULES = Schedule.names()  # uniform, nonuniform, none
 
 
 class ScheduleError(ValueError):

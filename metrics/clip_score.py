@@ -28,6 +28,7 @@ from metrics.features import MissingWeightsError, check_images, hub_offline, ite
 
 __all__ = [
     "ClipScorer",
+    "ClipQuality",
     "clip_score",
     "resolve_clip_weights",
     "CLIP_MODEL",
@@ -197,3 +198,33 @@ def clip_score(
     """One-shot :meth:`ClipScorer.score` (loads the model; keep a :class:`ClipScorer` to score several sets)."""
     scorer = ClipScorer(model_name, pretrained, checkpoint=checkpoint, device=device, cache_dir=cache_dir)
     return scorer.score(images, prompts, batch_size=batch_size, progress=progress)
+
+
+class ClipQuality:
+    """The CLIP-score quality of a run (``conf/quality/clip.yaml``): each image against its own prompt.
+
+    ``quality(images, prompts)`` returns ``{"protocol", "clip_score", "clip_model", ...}``;
+    the protocol ``open_clip/<model>/<weights>`` keeps different CLIP models apart in tables.
+    """
+
+    min_samples = 1
+    needs_prompts = True
+
+    def __init__(
+        self,
+        model: str = CLIP_MODEL,
+        pretrained: str | None = CLIP_PRETRAINED,
+        checkpoint: str | os.PathLike | None = None,
+        batch_size: int = 32,
+        device: str | None = None,
+        progress: bool = False,
+    ):
+        self.scorer = ClipScorer(model, pretrained, checkpoint=checkpoint, device=device)
+        self.batch_size, self.progress = batch_size, progress
+        self.protocol = f"open_clip/{model}/{pretrained or 'random-init'}"
+
+    def __call__(self, images, prompts) -> dict:
+        if prompts is None:
+            raise ValueError("the CLIP score needs the prompt of each image; this model has none")
+        value, record = self.scorer.score(images, prompts, batch_size=self.batch_size, progress=self.progress)
+        return {"protocol": self.protocol, "clip_score": value, **record}

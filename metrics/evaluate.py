@@ -22,7 +22,7 @@ from metrics.isc import IS_SPLIT_SIZE, check_split_size, inception_score, probab
 from metrics.prc import PRC_K, precision_recall
 from metrics.reference import PR_REFERENCE_COUNT, as_reference
 
-__all__ = ["quality_metrics", "METRICS", "protocol_name"]
+__all__ = ["quality_metrics", "FeatureQuality", "METRICS", "protocol_name"]
 
 METRICS = ("fid", "sfid", "is", "precision", "recall")
 
@@ -91,3 +91,56 @@ def quality_metrics(
         out.update({name: value for name, value in (("precision", precision), ("recall", recall)) if name in wanted})
         out["prc_k"] = int(k)
     return out
+
+
+class FeatureQuality:
+    """FID / sFID / IS / precision / recall of a run (``conf/quality/adm_*.yaml``), ADM protocol.
+
+    ``reference`` is the reference batch (anything :func:`metrics.reference.as_reference`
+    takes); when it is None the model's own ``default_reference`` is used. Both the
+    reference and the extractor are opened here, so a missing or unreadable file
+    fails before any image is generated. ``quality(images)`` returns the dict of
+    :func:`quality_metrics`.
+    """
+
+    needs_prompts = False
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        reference=None,
+        *,
+        default_reference=None,
+        which: Iterable[str] = METRICS,
+        is_split_size: int = IS_SPLIT_SIZE,
+        k: int = PRC_K,
+        batch_size: int = 64,
+        cache_dir: str | os.PathLike | None = None,
+        device: str | None = None,
+        progress: bool = False,
+    ):
+        self.which = tuple(which)
+        unknown = set(self.which) - set(METRICS)
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)} in `which`; valid: {', '.join(METRICS)}")
+        if reference is None:
+            reference = default_reference
+        if reference is None:
+            raise ValueError("a reference batch is needed (metrics.reference: ADM .npz with arr_0, "
+                             "an .npz of mu/sigma, or an image folder)")
+        self.reference = as_reference(reference)
+        self.extractor = extractor
+        self.is_split_size, self.k, self.batch_size = int(is_split_size), int(k), int(batch_size)
+        self.cache_dir, self.device, self.progress = cache_dir, device, progress
+
+    @property
+    def min_samples(self) -> int:
+        """The fewest generated images these metrics accept (IS needs one whole split)."""
+        return self.is_split_size if "is" in self.which else 1
+
+    def __call__(self, images: np.ndarray, prompts=None) -> dict:
+        return quality_metrics(
+            images, self.reference, self.extractor, metrics=self.which, is_split_size=self.is_split_size,
+            k=self.k, batch_size=self.batch_size, cache_dir=self.cache_dir, progress=self.progress,
+            device=self.device,
+        )

@@ -1,0 +1,56 @@
+"""The names of every multiple-choice setting, defined once.
+
+The Hydra schemas (``bench.config``) use these enums, so a wrong value fails at
+composition with the valid values listed; the engine, the schedules and the runner
+take their valid names from here too.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Choice(str, Enum):
+    """A string enum whose members are the valid values of one setting."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Schedule(Choice):
+    uniform = "uniform"  # full calls 0, N, 2N, ...
+    nonuniform = "nonuniform"  # denser around call c (docs/conventions.md §2)
+    none = "none"  # every call full: the uncached baseline
+
+
+class Weights(Choice):
+    pretrained = "pretrained"  # from_pretrained(model.pretrained): hub id or local directory
+    random = "random"  # the shipped architecture, seeded random weights
+
+
+class Timing(Choice):
+    auto = "auto"  # loop on CUDA or when a loop is short, else calls
+    loop = "loop"  # whole denoising loops, baseline and cached in alternating rounds
+    calls = "calls"  # one full / one retrieval call and the scheduler, composed over the schedule
+    off = "off"
+
+
+class Mode(Choice):
+    full = "full"  # generate (baseline + cached), quality metrics, cost
+    generate = "generate"  # images only
+    cost = "cost"  # no weights needed: schedule, MACs, timing
+
+
+class DType(Choice):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+def value(x) -> str:
+    """The plain string of an enum member or a string."""
+    return getattr(x, "value", x)
