@@ -28,6 +28,8 @@ def load_prompts(source: str, column: str | None = None, split: str | None = Non
     contributes its first entry (the first caption of each COCO image, as the paper).
     """
     path = Path(source)
+    if path.suffix in (".txt", ".json") and not path.is_file():
+        raise HarnessError(f"run.prompts.source={source!r}: no such file")
     if path.suffix == ".txt" and path.is_file():
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     elif path.suffix == ".json" and path.is_file():

@@ -1,35 +1,35 @@
 """Tables from run records: one row per run, rebuilt from the ``run.json`` files alone.
 
-A multirun writes ``table.csv`` into its sweep directory at the end (the Hydra
-callback below only calls :func:`write_table`); after an interrupted sweep the table
-can be rebuilt with ``python -m bench.report <sweep_dir>``.
+A sweep writes ``table.csv`` into its sweep directory when its jobs are done
+(``bench.sweeper``); ``python -m bench.report <sweep_dir>`` rebuilds it at any time,
+e.g. after an interrupted sweep or when the jobs ran elsewhere (SLURM).
+
+Columns: the settings that identify a run, then every measurement the records hold
+(whatever the quality config produced), then ``status`` (``ok`` / ``failed``),
+``error`` and ``job``. Nothing here knows which metrics exist.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from hydra.experimental.callback import Callback
 
 from bench.records import RECORD_NAME
+from metrics.files import atomic_write_bytes
 
 TABLE_NAME = "table.csv"
 
-# settings columns first (what was swept), then measurements
+# what identifies a row (settings), in this order; measurements follow
 SETTING_COLUMNS = [
     "model", "weights", "sampler", "steps", "model_calls", "schedule", "interval", "branch",
     "center", "power", "seed", "num_samples",
 ]
-MEASURE_COLUMNS = [
-    "macs_paper", "macs_all", "macs_full_paper", "macs_retrieval_paper", "macs_predicted_speedup",
-    "throughput", "throughput_baseline", "speedup", "timing_method", "timing_batch_size",
-    "protocol", "fid", "sfid", "is_mean", "is_std", "precision", "recall", "clip_score",
-    "generation_time_s", "wall_time_s",
-]
+TAIL_COLUMNS = ["status", "error", "job"]
 
 
 def _settings_row(rec: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
@@ -46,37 +46,49 @@ def _settings_row(rec: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
         "center": cache.get("center"),
         "power": cache.get("power"),
         "seed": s["run"]["seed"],
-        "num_samples": rec.get("num_samples"),
+        "num_samples": rec.get("num_samples", s["run"]["num_samples"]),
     }
 
 
+def _scalars(measurements: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in measurements.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
 def rows_from_record(rec: dict[str, Any], job: str) -> list[dict[str, Any]]:
-    """The table rows of one run: the run itself, plus its uncached baseline if it has one."""
-    row = {**_settings_row(rec, rec["cache"]), **{k: rec.get(k) for k in MEASURE_COLUMNS}, "job": job}
-    rows = [row]
+    """The table rows of one run: its uncached baseline (if it has one), then the run itself."""
+    tail = {"status": rec.get("status", "ok"), "error": rec.get("error"), "job": job}
+    if tail["status"] != "ok":
+        return [{**_settings_row(rec, rec["settings"]["cache"]), **tail}]
+    rows = [{**_settings_row(rec, rec["cache"]), **_scalars(rec.get("measurements", {})), **tail}]
     base = rec.get("baseline")
     if base:
-        b = {**_settings_row(rec, base["cache"]), **{k: base.get(k) for k in MEASURE_COLUMNS}, "job": job}
-        rows.insert(0, b)
+        rows.insert(0, {**_settings_row(rec, base["cache"]), **_scalars(base.get("measurements", {})), **tail})
     return rows
+
+
+def load_records(sweep_dir: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(job, record)`` for every ``<sweep_dir>/<job>/run.json``, in job order."""
+    sweep_dir = Path(sweep_dir)
+    paths = sorted(sweep_dir.glob(f"*/{RECORD_NAME}"), key=lambda p: _job_key(p.parent.name))
+    if not paths:
+        raise FileNotFoundError(f"no {RECORD_NAME} under {sweep_dir}/*/")
+    return [(p.parent.name, json.loads(p.read_text())) for p in paths]
 
 
 def build_table(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per job (and one per distinct baseline), sorted by job number."""
-    sweep_dir = Path(sweep_dir)
-    paths = sorted(sweep_dir.glob(f"*/{RECORD_NAME}"), key=lambda p: _job_key(p.parent.name))
-    rows: list[dict[str, Any]] = []
-    for path in paths:
-        rows.extend(rows_from_record(json.loads(path.read_text()), path.parent.name))
-    if not rows:
-        raise FileNotFoundError(f"no {RECORD_NAME} under {sweep_dir}/*/")
+    rows = [row for job, rec in load_records(sweep_dir) for row in rows_from_record(rec, job)]
     df = pd.DataFrame(rows)
     # a baseline shared by several cached runs appears once
     key = [c for c in SETTING_COLUMNS if c in df.columns]
-    is_base = df["schedule"].eq("none")
+    is_base = df["schedule"].eq("none") & df["status"].eq("ok")
     df = pd.concat([df[is_base].drop_duplicates(subset=key), df[~is_base]]).sort_index()
     df = df.dropna(axis=1, how="all")
-    order = [c for c in SETTING_COLUMNS + MEASURE_COLUMNS + ["job"] if c in df.columns]
+    # measurements in the order a cached run's record lists them (a baseline has fewer)
+    measured: list[str] = []
+    for r in sorted(rows, key=lambda r: r["schedule"] == "none"):
+        measured += [c for c in r if c in df.columns and c not in measured + SETTING_COLUMNS + TAIL_COLUMNS]
+    order = [c for c in SETTING_COLUMNS if c in df.columns] + measured + [c for c in TAIL_COLUMNS if c in df.columns]
     return df[order].reset_index(drop=True)
 
 
@@ -84,25 +96,61 @@ def _job_key(name: str) -> tuple[int, str]:
     return (int(name), name) if name.isdigit() else (sys.maxsize, name)
 
 
+def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write a table atomically; floats to 6 significant digits (no float noise)."""
+    return atomic_write_bytes(path, df.to_csv(index=False, float_format="%.6g").encode())
+
+
 def write_table(sweep_dir: str | Path) -> Path:
-    """Build and write ``table.csv`` atomically into ``sweep_dir``."""
-    df = build_table(sweep_dir)
-    out = Path(sweep_dir) / TABLE_NAME
-    tmp = out.with_name(f".{TABLE_NAME}.tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(out)
-    return out
+    """Build and write ``table.csv`` into ``sweep_dir``."""
+    return write_csv(build_table(sweep_dir), Path(sweep_dir) / TABLE_NAME)
 
 
-class TableCallback(Callback):
-    """Hydra callback: at the end of a multirun, write the sweep's ``table.csv``."""
+# ------------------------------------------------------------------------------------ for people
 
-    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        try:
-            print(f"table: {write_table(sweep_dir)}")
-        except FileNotFoundError as e:
-            print(f"table: not written ({e})", file=sys.stderr)
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """A number for people: ``digits`` significant digits, no exponent for ordinary sizes."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    return f"{x:.{digits}g}"
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """One run in one line: what ran, speed-up ± spread, MACs, quality."""
+    if row.get("schedule") == "none":
+        what = "baseline (no cache)"
+    else:
+        what = f"{row['schedule']} N={row['interval']} branch {row['branch']}"
+        if row.get("schedule") == "nonuniform":
+            what += f" c={fmt(row.get('center'))} p={fmt(row.get('power'))}"
+    parts = [what]
+    if row.get("speedup") is not None:
+        s = f"speed-up {row['speedup']:.2f}x"
+        if row.get("speedup_pm") is not None:
+            s += f" ±{100 * row['speedup_pm']:.1f}%"
+        if row.get("timing_reliable") is False:
+            s += " (UNRELIABLE)"
+        parts.append(s)
+    if row.get("macs_g") is not None:
+        parts.append(f"MACs {fmt(row['macs_g'])} G/call")
+    for key in ("fid", "sfid", "is_mean", "precision", "recall", "clip_score"):
+        if row.get(key) is not None:
+            parts.append(f"{key} {fmt(row[key])}")
+    return " | ".join(parts)
+
+
+def print_summary(df: pd.DataFrame, file=sys.stdout) -> None:
+    """The sweep's rows, one line each, failed rows with their error."""
+    for _, r in df.iterrows():
+        row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+        line = format_row(row) if row.get("status") == "ok" else (
+            f"FAILED {row.get('schedule')} N={row.get('interval')}: {row.get('error')}")
+        print(f"  [{row.get('job')}] {line}", file=file)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,25 +1,34 @@
 """Run orchestration: config -> model + sampler + cache -> measurements -> ``run.json``.
 
-``run(cfg, out_dir)`` is what ``run.py`` hands over to. Each ``run.mode`` is one
-small function in ``MODES``; metrics are reached only through ``metrics``' public
-functions.
+``run(cfg, out_dir)`` is what the command line hands over to. Every setting is
+checked first (:mod:`bench.validate`); each ``run.mode`` is one small function in
+``MODES``; quality metrics are whatever ``cfg.quality`` instantiates (a
+``conf/quality/*.yaml``), so the runner never asks which metrics exist.
+
+The record (``run.json``) holds the resolved settings, what was run (cache
+settings, full calls, weights fingerprint, image store), ``measurements`` of the
+cached run and of its uncached ``baseline`` (the table's cells), timing details and
+the environment. A run that fails writes a record too, with ``status: failed`` and
+the error, so a sweep's table shows the failed row and nothing half-done is trusted.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from omegaconf import OmegaConf
-
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
 
-from bench import generate, measure, models, sampling
+from bench import generate, measure, models, sampling, validate
 from bench.config import HarnessError
 from bench.engine import CacheError, CacheSettings, DeepCache
+from bench.options import Mode, value
 from bench.pipeline import Pixels
 from bench.records import environment, write_record
 from bench.store import ImageStore, shard_range
@@ -29,22 +38,13 @@ def settings_record(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise HarnessError(f"run.dtype={name!r} is not a torch dtype (float32, float16, bfloat16)")
-    return dtype
-
-
-def _value(x: Any) -> Any:
-    return getattr(x, "value", x)
+def _dtype(name: Any) -> torch.dtype:
+    return getattr(torch, value(name))
 
 
 def _setup(cfg: Any) -> None:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    if cfg.run.device.startswith("cuda") and not torch.cuda.is_available():
-        raise HarnessError(f"run.device={cfg.run.device!r} but CUDA is not available (use cpu)")
 
 
 class Prepared:
@@ -75,22 +75,44 @@ class Prepared:
             "num_full_calls": len(self.full_calls),
         }
 
-
-def _cost(p: Prepared, cfg: Any) -> dict[str, Any]:
-    out = measure.macs_record(p.loaded, cfg.model, p.settings, p.full_calls, p.num_calls)
-    if _value(cfg.run.timing) != "off":
-        out.update(measure.timing_record(p.loaded, cfg, p.settings, p.full_calls, p.num_calls))
-    return out
+    def baseline_cache(self) -> dict[str, Any]:
+        return {**self.baseline.__dict__, "branch": None, "skip_producer": None, "skip_consumer": None}
 
 
-def run_cost(cfg: Any, out_dir: Path) -> dict[str, Any]:
+def _cost(p: Prepared, cfg: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """(measurements of the cached run, of the baseline, timing details or None)."""
+    cached = measure.macs_record(p.loaded, cfg.model, p.settings, p.full_calls, p.num_calls)
+    base = {
+        "macs_g": cached["macs_full_g"],
+        "macs_all_g": cached["macs_full_all_g"],
+        "macs_full_g": cached["macs_full_g"],
+        "macs_predicted_speedup": 1.0,
+    }
+    details = None
+    if value(cfg.run.timing) != "off":
+        timed, details = measure.timing_record(p.loaded, cfg, p.settings, p.full_calls, p.num_calls)
+        cached.update(timed)
+        base.update(throughput=timed["throughput_baseline"], speedup=1.0, timing_method=timed["timing_method"],
+                    timing_batch_size=timed["timing_batch_size"])
+    return cached, base, details
+
+
+def _with_cost(record: dict[str, Any], p: Prepared, cfg: Any) -> dict[str, Any]:
+    cached, base, details = _cost(p, cfg)
+    record["measurements"] = {**cached, **record.get("measurements", {})}
+    if p.settings.enabled:
+        record.setdefault("baseline", {"cache": p.baseline_cache()})
+        record["baseline"]["measurements"] = {**base, **record["baseline"].get("measurements", {})}
+    record["macs_convention"] = measure.MACS_CONVENTION
+    if details is not None:
+        record["timing"] = details
+    return record
+
+
+def run_cost(cfg: Any) -> dict[str, Any]:
     """Schedule, MACs and throughput of the cached sampling loop; no weights needed."""
     p = Prepared(cfg)
-    t0 = time.perf_counter()
-    record = {**p.record(cfg, "cost"), **_cost(p, cfg)}
-    record["wall_time_s"] = time.perf_counter() - t0
-    record["environment"] = environment(cfg.run.device)
-    return record
+    return _with_cost(p.record(cfg, Mode.cost.value), p, cfg)
 
 
 def make_pipeline(cfg: Any) -> Any:
@@ -105,178 +127,141 @@ def make_pipeline(cfg: Any) -> Any:
     return get_class(cfg.model.pipeline)(cfg.model, cfg.run, cfg.run.device, _dtype(cfg.run.dtype))
 
 
-def _generate_both(
-    p: Prepared, cfg: Any, indices: range, pipe: Any
-) -> tuple[dict, dict, ImageStore, ImageStore]:
-    root = Path(cfg.run.store_dir)
-    base_key = generate.store_key(p.loaded, cfg, p.baseline, list(range(p.num_calls)), pipe)
-    base_store = ImageStore(root, base_key)
-    base = generate.generate(p.loaded, cfg, p.baseline, base_store, indices, pipe, desc="baseline")
-    if not p.settings.enabled:
-        return base, base, base_store, base_store
-    store = ImageStore(root, generate.store_key(p.loaded, cfg, p.settings, p.full_calls, pipe))
-    cached = generate.generate(p.loaded, cfg, p.settings, store, indices, pipe, desc=f"N={p.settings.interval}")
-    return base, cached, base_store, store
-
-
 def _indices(cfg: Any) -> range:
-    if cfg.run.num_samples < 1:
-        raise HarnessError(f"run.num_samples must be >= 1, got {cfg.run.num_samples}")
-    if cfg.run.batch_size < 1:
-        raise HarnessError(f"run.batch_size must be >= 1, got {cfg.run.batch_size}")
-    shards = cfg.run.shards
-    shard_range(cfg.run.num_samples, shards, 0)  # validates run.shards
     if cfg.run.shard is None:
         return range(cfg.run.num_samples)
-    return shard_range(cfg.run.num_samples, shards, cfg.run.shard)
+    return shard_range(cfg.run.num_samples, cfg.run.shards, cfg.run.shard)
 
 
-def run_generate(cfg: Any, out_dir: Path) -> dict[str, Any]:
-    """Images only (baseline and cached), into the store; no metrics, no timing."""
-    p = Prepared(cfg)
-    indices = _indices(cfg)
-    base, cached, base_store, store = _generate_both(p, cfg, indices, make_pipeline(cfg))
+def _generate(p: Prepared, cfg: Any, indices: range, pipe: Any) -> dict[str, Any]:
+    """Generate the baseline and (when caching is on) the cached images into the store."""
+    root = Path(cfg.run.store_dir)
+    base_store = ImageStore(root, generate.store_key(p.loaded, cfg, p.baseline, list(range(p.num_calls)), pipe))
+    base = generate.generate(p.loaded, cfg, p.baseline, base_store, indices, pipe, desc="baseline")
+    record = {"num_samples": len(indices), "sample_indices": [indices.start, indices.stop]}
+    if not p.settings.enabled:
+        return {**record, "store": str(base_store.dir), "generation": base}
+    store = ImageStore(root, generate.store_key(p.loaded, cfg, p.settings, p.full_calls, pipe))
+    cached = generate.generate(p.loaded, cfg, p.settings, store, indices, pipe, desc=f"N={p.settings.interval}")
     return {
-        **p.record(cfg, "generate"),
-        "num_samples": len(indices),
-        "sample_indices": [indices.start, indices.stop],
-        "store": str(store.dir),
-        "generation_time_s": cached["generation_time_s"],
-        "generation": cached,
-        "baseline": {"cache": _baseline_cache(p), "store": str(base_store.dir),
-                     "generation_time_s": base["generation_time_s"], "generation": base},
-        "environment": environment(cfg.run.device),
+        **record, "store": str(store.dir), "generation": cached,
+        "baseline": {"cache": p.baseline_cache(), "store": str(base_store.dir), "generation": base},
     }
 
 
-def run_full(cfg: Any, out_dir: Path) -> dict[str, Any]:
+def run_generate(cfg: Any) -> dict[str, Any]:
+    """Images only (baseline and cached), into the store; no metrics, no timing."""
+    p = Prepared(cfg)
+    pipe = make_pipeline(cfg)
+    return {**p.record(cfg, Mode.generate.value), **_generate(p, cfg, _indices(cfg), pipe)}
+
+
+def run_full(cfg: Any) -> dict[str, Any]:
     """Generate (baseline + cached), quality metrics for both, cost; one record."""
     p = Prepared(cfg)
-    if cfg.run.shard is not None:
-        raise HarnessError("run.shard is for run.mode=generate; run.mode=full needs every sample")
     indices = _indices(cfg)
     evaluate = quality_evaluator(cfg)  # fails before any image is generated
     pipe = make_pipeline(cfg)
-    t0 = time.perf_counter()
-    base, cached, base_store, store = _generate_both(p, cfg, indices, pipe)
+    record = {**p.record(cfg, Mode.full.value), **_generate(p, cfg, indices, pipe)}
     prompts = pipe.prompts_for(indices)
-    q_cached = evaluate(store.load(indices), prompts)
-    q_base = q_cached if store is base_store else evaluate(base_store.load(indices), prompts)
-    cost_row = _cost(p, cfg)
-    record = {
-        **p.record(cfg, "full"),
-        "num_samples": len(indices),
-        "store": str(store.dir),
-        "generation_time_s": cached["generation_time_s"],
-        "generation": cached,
-        **q_cached,
-        **cost_row,
-    }
-    record["baseline"] = {
-        "cache": _baseline_cache(p),
-        "store": str(base_store.dir),
-        "generation_time_s": base["generation_time_s"],
-        "generation": base,
-        **q_base,
-        "macs_paper": cost_row["macs_full_paper"],
-        "macs_all": cost_row["macs_full_all"],
-        "macs_full_paper": cost_row["macs_full_paper"],
-        "macs_predicted_speedup": 1.0,
-    }
-    if "throughput_baseline" in cost_row:
-        record["baseline"].update(
-            throughput=cost_row["throughput_baseline"], speedup=1.0,
-            timing_method=cost_row["timing_method"], timing_batch_size=cost_row["timing_batch_size"],
-        )
-    record["wall_time_s"] = time.perf_counter() - t0
-    record["environment"] = environment(cfg.run.device)
-    return record
-
-
-def _baseline_cache(p: Prepared) -> dict[str, Any]:
-    return {**p.baseline.__dict__, "skip_producer": None, "skip_consumer": None}
+    record["measurements"] = evaluate(ImageStore.existing(record["store"]).load(indices), prompts)
+    if "baseline" in record:
+        base = ImageStore.existing(record["baseline"]["store"]).load(indices)
+        record["baseline"]["measurements"] = evaluate(base, prompts)
+    return _with_cost(record, p, cfg)
 
 
 def quality_evaluator(cfg: Any) -> Callable[[Any, Any], dict[str, Any]]:
-    """``(images, prompts) -> metrics dict`` for this model's quality config: a CLIP
-    score (``quality.clip``) or feature metrics (``quality.extractor`` + ``reference``)."""
-    q = cfg.model.quality
-    if not q:
+    """The ``quality`` config instantiated: ``(images, prompts) -> measurements``; checked
+    against ``run.num_samples`` before anything is generated."""
+    if not cfg.quality:
         raise HarnessError(
-            f"model {cfg.model.name} has no quality config (model.quality); use run.mode=generate or cost"
+            f"model {cfg.model.name} has no quality config (quality=adm_inception|adm_digits|clip); "
+            "use run.mode=generate or run.mode=cost"
         )
-    m = {**OmegaConf.to_container(cfg.metrics, resolve=True), **(q.get("metrics") or {})}
-    if q.get("clip") is not None:
-        return _clip_evaluator(cfg, m)
-    if "is" in m["which"] and cfg.run.num_samples < m["is_split_size"]:
-        raise HarnessError(
-            f"run.num_samples={cfg.run.num_samples} is smaller than the IS split size "
-            f"metrics.is_split_size={m['is_split_size']} (ADM: 5000); lower it or drop 'is' from metrics.which"
-        )
-    if q.reference is None:
-        raise HarnessError(
-            f"model {cfg.model.name} needs metrics.reference: the reference batch "
-            "(ADM .npz with arr_0, an .npz of mu/sigma, or an image folder)"
-        )
+    device = cfg.metrics.device or cfg.run.device
     try:
-        extractor = instantiate(q.extractor)
-        reference = instantiate(q.reference) if OmegaConf.is_dict(q.reference) else q.reference
+        evaluator = instantiate(cfg.quality, device=device, progress=cfg.run.progress, _convert_="partial")
     except InstantiationException as e:
-        reason = str(e.__cause__) if e.__cause__ is not None else str(e).strip().splitlines()[0]
-        raise HarnessError(f"model.quality of {cfg.model.name}: {reason}") from None
-
-    def evaluate(images: Any, prompts: Any = None) -> dict[str, Any]:
-        from metrics.evaluate import quality_metrics
-
-        try:
-            return quality_metrics(
-                images, reference, extractor, metrics=tuple(m["which"]), is_split_size=m["is_split_size"],
-                k=m["k"], batch_size=m["batch_size"], cache_dir=m["cache_dir"], progress=cfg.run.progress,
-                device=m["device"] or cfg.run.device,
-            )
-        except ValueError as e:
-            raise HarnessError(str(e)) from None
-
-    return evaluate
-
-
-def _clip_evaluator(cfg: Any, m: dict[str, Any]) -> Callable[[Any, Any], dict[str, Any]]:
-    from metrics.clip_score import ClipScorer
-    from metrics.features import MissingWeightsError
-
-    try:
-        scorer = ClipScorer(
-            m["clip_model"], m["clip_pretrained"], checkpoint=m["clip_checkpoint"],
-            device=m["device"] or cfg.run.device,
+        cause = e.__cause__ if e.__cause__ is not None else e
+        raise HarnessError(f"quality ({cfg.quality._target_}): {_one_line(cause)}") from None
+    if cfg.run.num_samples < evaluator.min_samples:
+        raise HarnessError(
+            f"run.num_samples={cfg.run.num_samples} is smaller than quality.is_split_size={evaluator.min_samples} "
+            "(Inception Score splits; ADM: 5000): lower quality.is_split_size or drop 'is' from quality.which"
         )
-    except (MissingWeightsError, RuntimeError) as e:
-        raise HarnessError(str(e).strip().splitlines()[0]) from None
-    protocol = f"open_clip/{m['clip_model']}/{m['clip_pretrained'] or 'random-init'}"
 
     def evaluate(images: Any, prompts: Any) -> dict[str, Any]:
-        value, record = scorer.score(images, prompts, batch_size=m["batch_size"], progress=cfg.run.progress)
-        return {"protocol": protocol, "clip_score": value, **record}
+        try:
+            return evaluator(images, prompts)
+        except ValueError as e:
+            raise HarnessError(f"quality: {_one_line(e)}") from None
 
     return evaluate
 
 
-MODES: dict[str, Callable[[Any, Path], dict[str, Any]]] = {
-    "full": run_full,
-    "generate": run_generate,
-    "cost": run_cost,
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+MODES: dict[str, Callable[[Any], dict[str, Any]]] = {
+    Mode.full.value: run_full,
+    Mode.generate.value: run_generate,
+    Mode.cost.value: run_cost,
 }
 
 
 def run(cfg: Any, out_dir: str | Path) -> Path:
-    """Execute one run described by ``cfg``; returns the path of its ``run.json``."""
-    _setup(cfg)
-    mode = _value(cfg.run.mode)
-    if mode not in MODES:
-        raise HarnessError(f"run.mode={mode!r} is not available; valid: {', '.join(MODES)}")
-    record = MODES[mode](cfg, Path(out_dir))
+    """Execute one run described by ``cfg``; returns the path of its ``run.json``.
+
+    On failure the record is written with ``status: failed`` and the exception is
+    raised again.
+    """
+    t0 = time.perf_counter()
+    try:
+        validate.check(cfg)
+        _setup(cfg)
+        record = {"status": "ok", **MODES[value(cfg.run.mode)](cfg)}
+    except BaseException as e:
+        _write_failure(cfg, out_dir, e, time.perf_counter() - t0)
+        raise
+    record["wall_time_s"] = time.perf_counter() - t0
+    record["environment"] = environment(cfg.run.device)
     try:
         path = write_record(out_dir, record)
     except OSError as e:
         raise HarnessError(f"cannot write the run record into {out_dir}: {e.strerror}") from None
+    print(summary(record))
     print(f"run record: {path}")
     return path
+
+
+def _write_failure(cfg: Any, out_dir: str | Path, error: BaseException, wall: float) -> None:
+    message = _one_line(error) if isinstance(error, HarnessError) else (
+        "interrupted" if isinstance(error, KeyboardInterrupt)
+        else f"{type(error).__name__}: {_one_line(error)}"
+    )
+    record = {"status": "failed", "error": message, "mode": value(cfg.run.mode), "wall_time_s": wall}
+    try:
+        record["settings"] = settings_record(cfg)
+    except Exception:  # an unresolvable setting is itself the error being recorded
+        record["settings"] = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+    if not isinstance(error, (HarnessError, KeyboardInterrupt)):
+        record["traceback"] = traceback.format_exception(error)[-8:]
+    record["environment"] = environment(cfg.run.device)
+    try:
+        write_record(out_dir, record)
+    except OSError:
+        pass  # the original error is what the user needs to see
+
+
+def summary(record: dict[str, Any]) -> str:
+    """A few human lines: the run and its baseline, speed-up with its spread, MACs, quality."""
+    from bench.report import format_row
+
+    lines = []
+    if "baseline" in record:
+        lines.append(format_row({**record["baseline"]["cache"], **record["baseline"].get("measurements", {})}))
+    lines.append(format_row({**record["cache"], **record.get("measurements", {})}))
+    return "\n".join(lines)

@@ -1,11 +1,12 @@
 """Benchmarks behind the README's performance numbers (not timed tests).
 
-    python -m bench.benchmark speedup     # measured vs MACs-predicted speed-up, CIFAR-10
-    python -m bench.benchmark overhead    # the engine's own cost on a retrieval call
-    python -m bench.benchmark methods     # loop timing vs timing composed from calls
-    python -m bench.benchmark default     # `python run.py` wall time, generation speed-up
-    python -m bench.benchmark table13     # the Table 13 cost sweep's wall time
-    python -m bench.benchmark gpu         # on a CUDA device: throughput of the paper's models
+    python -m benchmarks.cost speedup     # measured vs MACs-predicted speed-up, CIFAR-10
+    python -m benchmarks.cost overhead    # the engine's own cost on a retrieval call
+    python -m benchmarks.cost methods     # loop timing vs timing composed from calls
+    python -m benchmarks.cost default     # `python run.py` wall time, generation speed-up
+    python -m benchmarks.cost table13     # the Table 13 cost sweep's wall time
+    python -m benchmarks.cost load        # the user's sweep alone and beside CPU hogs: speed-ups agree
+    python -m benchmarks.cost gpu         # on a CUDA device: throughput of the paper's models
 
 Each prints a markdown table and writes ``results/benchmarks/<name>.json`` with the
 machine, thread count, date and every raw number.
@@ -56,12 +57,13 @@ def speedup(repeats: int = 5) -> dict[str, Any]:
             settings = models.cache_settings(cfg.cache, cfg.model)
             plan = settings.full_calls(100)
             macs = measure.macs_record(loaded, cfg.model, settings, plan, 100)
-            t = measure.timing_record(loaded, cfg, settings, plan, 100)
+            t, details = measure.timing_record(loaded, cfg, settings, plan, 100)
             rows.append({"batch": batch, "N": n, "predicted": macs["macs_predicted_speedup"],
-                         "measured": t["speedup"], "ratio": t["speedup"] / macs["macs_predicted_speedup"],
+                         "measured": t["speedup"], "pm": t["speedup_pm"],
+                         "ratio": t["speedup"] / macs["macs_predicted_speedup"],
                          "throughput": t["throughput"], "throughput_baseline": t["throughput_baseline"],
-                         "raw_s": t["timing_raw_s"]})
-    return {"rows": rows, "columns": ["batch", "N", "predicted", "measured", "ratio"]}
+                         "raw_s": details["raw_s"]})
+    return {"rows": rows, "columns": ["batch", "N", "predicted", "measured", "pm", "ratio"]}
 
 
 def overhead(repeats: int = 300) -> dict[str, Any]:
@@ -112,11 +114,12 @@ def methods(repeats: int = 5) -> dict[str, Any]:
             loaded = models.load_model(cfg.model)
             settings = models.cache_settings(cfg.cache, cfg.model)
             plan = settings.full_calls(100)
-            t = measure.timing_record(loaded, cfg, settings, plan, 100)
+            t, details = measure.timing_record(loaded, cfg, settings, plan, 100)
             rows.append({"batch": batch, "method": method, "branch": settings.branch,
                          "throughput": t["throughput"], "throughput_baseline": t["throughput_baseline"],
-                         "speedup": t["speedup"], "raw_s": t["timing_raw_s"]})
-    return {"rows": rows, "columns": ["batch", "method", "branch", "throughput", "throughput_baseline", "speedup"]}
+                         "speedup": t["speedup"], "pm": t["speedup_pm"], "raw_s": details["raw_s"]})
+    return {"rows": rows, "columns": ["batch", "method", "branch", "throughput", "throughput_baseline", "speedup",
+                                      "pm"]}
 
 
 def _timed_run(args: list[str]) -> tuple[float, subprocess.CompletedProcess]:
@@ -135,13 +138,15 @@ def default(runs: int = 3) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             wall, _ = _timed_run([f"run.store_dir={tmp}/store", f"hydra.run.dir={tmp}/out"])
             rec = json.loads((Path(tmp) / "out" / "run.json").read_text())
-        g_base, g_cached = rec["baseline"]["generation_time_s"], rec["generation_time_s"]
+        g_base = rec["baseline"]["generation"]["generation_time_s"]
+        g_cached = rec["generation"]["generation_time_s"]
+        m, b = rec["measurements"], rec["baseline"]["measurements"]
         rows.append({"run": i, "wall_s": wall, "generation_baseline_s": g_base, "generation_cached_s": g_cached,
-                     "generation_speedup": g_base / g_cached, "timing_speedup": rec["speedup"],
-                     "fid_baseline": rec["baseline"]["fid"], "fid_cached": rec["fid"],
+                     "generation_speedup": g_base / g_cached, "timing_speedup": m["speedup"],
+                     "timing_pm": m["speedup_pm"], "fid_baseline": b["fid"], "fid_cached": m["fid"],
                      "branch": rec["cache"]["branch"], "interval": rec["cache"]["interval"]})
     return {"rows": rows, "columns": ["run", "wall_s", "generation_baseline_s", "generation_cached_s",
-                                      "generation_speedup", "timing_speedup"]}
+                                      "generation_speedup", "timing_speedup", "timing_pm"]}
 
 
 def table13(runs: int = 3) -> dict[str, Any]:
@@ -151,6 +156,49 @@ def table13(runs: int = 3) -> dict[str, Any]:
             wall, _ = _timed_run(["-m", "experiment=table13", f"hydra.sweep.dir={tmp}/sweep"])
         rows.append({"run": i, "wall_s": wall})
     return {"rows": rows, "columns": ["run", "wall_s"]}
+
+
+HOGS = {
+    # one busy-looping Python process per core: the CPU fully taken by other work
+    "busy": lambda n: [[sys.executable, "-c", "while True: pass"] for _ in range(n)],
+    # another harness-like job: a torch process with as many threads as cores, multiplying matrices
+    "torch": lambda n: [[sys.executable, "-c", "import torch\ntorch.set_num_threads(%d)\na = torch.randn(512, 512)\n"
+                         "while True: a = (a @ a).tanh()" % n]],
+}
+LOAD_SWEEP = ["-m", "cache.interval=2,3,5,10,20", "cache.schedule=nonuniform", "run.num_samples=128"]
+
+
+def load(conditions: tuple[str, ...] = ("alone", "busy", "torch")) -> dict[str, Any]:
+    """The user's sweep (``python run.py -m cache.interval=2,3,5,10,20 cache.schedule=nonuniform
+    run.num_samples=128``) alone and beside CPU hogs, each on a fresh image store: the speed-up
+    column must agree within 10 % of the unloaded sweep's."""
+    cores = os.cpu_count() or 1
+    rows, speedups = [], {}
+    for condition in conditions:
+        hogs = [] if condition == "alone" else [subprocess.Popen(cmd) for cmd in HOGS[condition](cores)]
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                wall, _ = _timed_run([*LOAD_SWEEP, f"run.store_dir={tmp}/store", f"hydra.sweep.dir={tmp}/sweep"])
+                recs = sorted((json.loads(p.read_text()) for p in Path(tmp, "sweep").glob("*/run.json")),
+                              key=lambda r: r["cache"]["interval"])
+        finally:
+            for h in hogs:
+                h.kill()
+                h.wait()
+        for rec in recs:
+            m, t = rec["measurements"], rec["timing"]
+            n = rec["cache"]["interval"]
+            speedups[(condition, n)] = m["speedup"]
+            rows.append({"condition": condition, "N": n, "speedup": m["speedup"], "pm": m["speedup_pm"],
+                         "reliable": m["timing_reliable"], "vs_alone": None, "method": m["timing_method"],
+                         "rounds": t["rounds"], "foreign_load": t["foreign_load"], "sweep_wall_s": wall,
+                         "predicted": m["macs_predicted_speedup"], "warning": t["warning"]})
+    for row in rows:
+        alone = speedups.get(("alone", row["N"]))
+        row["vs_alone"] = row["speedup"] / alone - 1 if alone else None
+    return {"rows": rows, "cores": cores, "sweep": LOAD_SWEEP,
+            "columns": ["condition", "N", "speedup", "pm", "reliable", "vs_alone", "foreign_load", "rounds",
+                        "predicted"]}
 
 
 def gpu() -> dict[str, Any]:
@@ -176,11 +224,11 @@ def gpu() -> dict[str, Any]:
         calls = sampling.num_model_calls(sampling.build_scheduler(cfg.sampler, loaded.scheduler_config))
         plan = s.full_calls(calls)
         macs = measure.macs_record(loaded, cfg.model, s, plan, calls)
-        t = measure.timing_record(loaded, cfg, s, plan, calls)
+        t, details = measure.timing_record(loaded, cfg, s, plan, calls)
         rows.append({"model": model, "sampler": f"{sampler}-{steps}", "N": n, "branch": branch, "batch": batch,
                      "dtype": dtype, "throughput_baseline": t["throughput_baseline"], "throughput": t["throughput"],
-                     "speedup": t["speedup"], "predicted": macs["macs_predicted_speedup"],
-                     "raw_s": t["timing_raw_s"]})
+                     "speedup": t["speedup"], "pm": t["speedup_pm"], "predicted": macs["macs_predicted_speedup"],
+                     "raw_s": details["raw_s"]})
         del loaded
         torch.cuda.empty_cache()
     # exactness on the GPU in float16: N = 1 and retrieval on the full call's own input
@@ -197,17 +245,18 @@ def gpu() -> dict[str, Any]:
              "retrieval_max_abs_diff": float((retr - full).abs().max())}
     return {"rows": rows, "exactness_fp16_cuda": exact, "device": torch.cuda.get_device_name(),
             "columns": ["model", "sampler", "N", "branch", "batch", "dtype", "throughput_baseline", "throughput",
-                        "speedup", "predicted"]}
+                        "speedup", "pm", "predicted"]}
 
 
-BENCHMARKS = {"gpu": gpu, "speedup": speedup, "overhead": overhead, "methods": methods, "default": default, "table13": table13}
+BENCHMARKS = {"gpu": gpu, "speedup": speedup, "overhead": overhead, "methods": methods, "default": default,
+              "table13": table13, "load": load}
 
 
 def _markdown(result: dict[str, Any]) -> str:
     cols = result["columns"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in result["rows"]:
-        cells = [f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in cols]
+        cells = [f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in cols]  # noqa: E501
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -220,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     result["environment"] = environment("cuda" if args.name == "gpu" else "cpu")
     result["median"] = {
         c: statistics.median(r[c] for r in result["rows"])
-        for c in result["columns"] if all(isinstance(r[c], float) for r in result["rows"])
+        for c in result["columns"] if all(isinstance(r[c], float) and not isinstance(r[c], bool) for r in result["rows"])
     }
     write_json_atomic(OUT / f"{args.name}.json", result)
     print(_markdown(result))

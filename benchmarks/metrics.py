@@ -1,4 +1,4 @@
-"""CPU cost of the metric stages: ``python -m metrics.benchmark``.
+"""CPU cost of the metric stages: ``python -m benchmarks.metrics``.
 
 * Inception feature extraction (pool3 + logits + sFID spatial, one pass)
   throughput in images/s for N random images at each size.  The network has

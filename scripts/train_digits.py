@@ -1,6 +1,6 @@
 """Train the embedded default model: a small DDPM (and a digit classifier) on sklearn digits.
 
-    HF_HUB_OFFLINE=1 python -m bench.train_digits --out bench/assets/digits --seed 0
+    HF_HUB_OFFLINE=1 python scripts/train_digits.py --out bench/assets/digits --seed 0
 
 Writes into ``--out``:
 
@@ -290,7 +290,7 @@ def main(argv=None) -> int:
 
     report = {
         "seed": args.seed,
-        "command": "python -m bench.train_digits " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python scripts/train_digits.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "threads": args.threads,
         "device": args.device,
         "steps": args.steps,

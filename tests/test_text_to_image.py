@@ -79,9 +79,10 @@ def test_images_match_diffusers_pipeline(setup):
 
 def test_record_carries_clip_score_and_protocol(setup):
     _, rec = setup
-    assert rec["protocol"] == "open_clip/ViT-S-32/random-init"
-    assert rec["clip_model"] == "ViT-S-32" and rec["clip_scale"] == 100.0 and rec["clip_clamp"] == 0.0
-    for r in (rec, rec["baseline"]):
+    m = rec["measurements"]
+    assert m["protocol"] == "open_clip/ViT-S-32/random-init"
+    assert m["clip_model"] == "ViT-S-32" and m["clip_scale"] == 100.0 and m["clip_clamp"] == 0.0
+    for r in (m, rec["baseline"]["measurements"]):
         assert 0.0 <= r["clip_score"] <= 100.0 and r["clip_n"] == 4
     assert rec["full_calls"] == [0, 3] and rec["cache"]["branch"] == 2
 
@@ -92,7 +93,7 @@ def test_text_model_needs_prompts(tmp_path, setup):
     sd = setup[1]["settings"]["model"]["pretrained"]
     common = ["model=sd15", f"model.pretrained={sd}", "run.mode=generate", "sampler=ddim", "sampler.steps=2",
               f"run.store_dir={tmp_path}/store"]
-    with pytest.raises(HarnessError, match="set run.prompts.source"):
+    with pytest.raises(HarnessError, match="text-conditioned: set run.prompts.source"):
         run(compose_cfg(*common, "run.num_samples=2"), tmp_path / "out")
     prompts = tmp_path / "p.txt"
     prompts.write_text("one prompt\n")

@@ -1,0 +1,71 @@
+"""The command line: ``deepcache-bench`` (installed) and ``python run.py`` (a checkout).
+
+    deepcache-bench                                   # embedded default, full job
+    deepcache-bench -m cache.interval=2,3,5,10,20 cache.schedule=nonuniform
+    deepcache-bench -m experiment=table13
+
+Hydra composes the config from ``conf/`` (shipped inside the package as
+``bench.conf``) and hands it to :func:`bench.runner.run`. A bad setting is one line
+on stderr and exit status 2; in a sweep, every point is checked before the first job
+starts, and a job that fails anyway is recorded and the others still run (exit 1).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from bench.config import HarnessError, register
+
+register()
+
+
+def _config_path() -> str:
+    checkout = Path(__file__).resolve().parent.parent / "conf"
+    if (checkout / "config.yaml").is_file():  # bench imported from a checkout: its own configs
+        return str(checkout)
+    return "pkg://bench.conf"  # installed from a wheel
+
+
+def writable_output(argv: list[str]) -> str | None:
+    """Refuse an output directory that cannot be created, before Hydra tries to."""
+    dirs = [a.split("=", 1)[1] for a in argv if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    for d in dirs or ["."]:
+        p = Path(d).absolute()
+        while not p.exists():
+            p = p.parent
+        if not p.is_dir() or not os.access(p, os.W_OK):
+            return f"error: output directory {d!r} cannot be created ({p} is not a writable directory)"
+    return None
+
+
+@hydra.main(version_base="1.3", config_path=_config_path(), config_name="config")
+def _task(cfg: DictConfig) -> None:
+    from bench.runner import run
+
+    hc = HydraConfig.get()
+    try:
+        run(cfg, hc.runtime.output_dir)
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if hc.mode == RunMode.MULTIRUN:
+            raise  # the sweeper records this job as failed and runs the others
+        sys.exit(2)
+
+
+def main() -> None:
+    problem = writable_output(sys.argv[1:])
+    if problem:
+        print(problem, file=sys.stderr)
+        sys.exit(2)
+    _task()
+
+
+if __name__ == "__main__":
+    main()

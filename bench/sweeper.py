@@ -1,0 +1,110 @@
+"""The harness's Hydra sweeper (``hydra_plugins.deepcache_bench``): Hydra's basic sweeper,
+plus three things a table needs.
+
+* ``hydra.sweeper.grids``: a list of parameter grids, each expanded as a cartesian
+  product and run one after the other, so that a table combining differently shaped
+  runs (e.g. PLMS at several step counts *and* DeepCache at several N) is one
+  command. Command-line values override a grid's value of the same key.
+* Every point of the sweep is composed and checked (:func:`bench.validate.check`)
+  before the first job starts; bad points are listed, one line each, and nothing runs.
+* When the jobs are done -- also when some of them failed -- the sweep's
+  ``table.csv`` is written from the run records (and any paper table the experiment
+  describes is rendered). This does not depend on Hydra's end-of-multirun callback,
+  which Hydra skips when a job fails. Failed jobs are listed and the command exits 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobStatus
+from omegaconf import OmegaConf
+
+from bench.config import HarnessError
+
+
+def job_overrides(sweeper: Any, arguments: list[str]) -> list[list[str]]:
+    """The override list of every job: each grid's product, in order, duplicates removed."""
+    parser = OverridesParser.create(config_loader=sweeper.hydra_context.config_loader)
+    jobs: list[list[str]] = []
+    for grid in sweeper.grids or [{}]:
+        merged = {**(sweeper.params or {}), **{k: _sweep_string(v) for k, v in grid.items()}}
+        overrides = parser.parse_overrides([f"{k}={v}" for k, v in merged.items()] + list(arguments))
+        for job in sweeper.split_arguments(overrides, None)[0]:
+            if job not in jobs:
+                jobs.append(job)
+    return jobs
+
+
+def check_jobs(sweeper: Any, jobs: list[list[str]]) -> None:
+    """Compose and check every job's config; exit 2 listing the bad ones before any runs."""
+    from bench.validate import check
+
+    loader = sweeper.hydra_context.config_loader
+    problems = []
+    for i, job in enumerate(jobs):
+        cfg = loader.load_sweep_config(master_config=sweeper.config, sweep_overrides=list(job))
+        try:
+            check(cfg)
+        except HarnessError as e:
+            problems.append(f"error: job #{i} ({' '.join(job)}): {e}")
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        print(f"error: {len(problems)} of {len(jobs)} sweep points are invalid; nothing was run", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_sweep(sweeper: Any, arguments: list[str]) -> Any:
+    """The sweep: jobs from the grids, all checked, launched batch by batch, then the table."""
+    jobs = job_overrides(sweeper, arguments)
+    check_jobs(sweeper, jobs)
+    sweeper.overrides = list(sweeper.split_overrides_to_chunks(jobs, sweeper.max_batch_size))
+    sweep_dir = Path(sweeper.config.hydra.sweep.dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(sweeper.config, sweep_dir / "multirun.yaml")
+
+    returns, failed, start = [], [], 0
+    while not sweeper.is_done():
+        batch = sweeper.get_job_batch()
+        results = sweeper.launcher.launch(batch, initial_job_idx=start)
+        for i, r in enumerate(results):
+            if r.status == JobStatus.FAILED:
+                failed.append(f"job #{start + i} ({' '.join(batch[i])}): {_first_line(r._return_value)}")
+        start += len(batch)
+        returns.append(results)
+    finish(sweep_dir)
+    if failed:
+        print("\n".join(f"error: {line}" for line in failed), file=sys.stderr)
+        print(f"error: {len(failed)} of {len(jobs)} jobs failed; their rows in table.csv say why, "
+              "and a rerun redoes only what is missing", file=sys.stderr)
+        sys.exit(1)
+    return returns
+
+
+def finish(sweep_dir: Path) -> None:
+    """Write ``table.csv`` (and the experiment's paper table, if any) and print the rows."""
+    from bench.report import build_table, print_summary, write_csv, TABLE_NAME
+
+    try:
+        df = build_table(sweep_dir)
+    except FileNotFoundError as e:
+        print(f"table: not written ({e})", file=sys.stderr)
+        return
+    path = write_csv(df, sweep_dir / TABLE_NAME)
+    print_summary(df)
+    print(f"table: {path}")
+
+
+def _sweep_string(v: Any) -> str:
+    """A grid value as sweep syntax: lists become ``a,b,c``."""
+    if isinstance(v, (list, tuple)) or OmegaConf.is_list(v):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def _first_line(e: Any) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__

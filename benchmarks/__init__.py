@@ -1,0 +1,1 @@
+"""Benchmarks behind the README's performance numbers: ``python -m benchmarks.<name>`` from the repository root."""

@@ -1,0 +1,1 @@
+"""The harness's Hydra configs, installed as the package ``bench.conf`` (see pyproject.toml)."""
