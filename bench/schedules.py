@@ -4,7 +4,8 @@ Calls are counted in *model calls* (the sampler's loop index, 0-based), never by
 timestep value: PLMS repeats a timestep, so a lookup by value is ambiguous.
 
 Source: DeepCache (Ma, Fang, Wang, CVPR 2024), Sec. 3.3 "uniform 1:N" and
-"non-uniform 1:N"; supplementary Tables 7-10 for the hyper-parameters.
+"non-uniform 1:N"; supplementary Tables 7-10 for the hyper-parameters. The exact
+construction and its sources: docs/conventions.md §2.
 """
 
 from __future__ import annotations
