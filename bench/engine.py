@@ -11,6 +11,8 @@ resnet. For paper branch ``k`` (skip index ``m = k - 1``):
   place of everything deeper. Deeper down layers, the mid block and deeper up layers
   are not executed.
 
+Branch numbering, the skip table and the other numberings in use: docs/conventions.md §1.
+
 The engine attaches to a U-Net *instance*: it sets an instance-level ``forward``
 and one forward pre-hook on the consumer resnet; ``detach`` removes both, leaving
 the instance exactly as it was. Retrieval calls run the class's own ``forward`` on a

@@ -4,7 +4,8 @@ Calls are counted in *model calls* (the sampler's loop index, 0-based), never by
 timestep value: PLMS repeats a timestep, so a lookup by value is ambiguous.
 
 Source: DeepCache (Ma, Fang, Wang, CVPR 2024), Sec. 3.3 "uniform 1:N" and
-"non-uniform 1:N"; supplementary Tables 7-10 for the hyper-parameters.
+"non-uniform 1:N"; supplementary Tables 7-10 for the hyper-parameters. The exact
+construction and its sources: docs/conventions.md §2.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def nonuniform_full_calls(
     which is not ``-|x|^p``. The real part is truncated toward zero, sorted and
     de-duplicated; both end points are dropped, ``c`` is added back and call 0 is
     prepended. If that does not give exactly ``n`` calls, ``p`` is lowered by 0.02
-    and the construction repeated while ``p > 1``.
+    and the construction repeated while ``p > 1``. For ``c = 0`` the authors' start
+    point ``(-0)^(1/p)`` is the real ``0.0``, so their construction is real throughout;
+    so is this one (a complex power of a positive real rounds differently).
 
     Returns ``(full_calls, power_used)``.
     """
@@ -56,8 +59,13 @@ def nonuniform_full_calls(
     while p > 1:
         # End points with Python's power, the points with numpy, as the authors did:
         # results that truncate at exact integers depend on the rounding of each step.
-        a = complex(-center) ** (1.0 / p)
-        b = complex(num_calls - center) ** (1.0 / p)
+        if center == 0:
+            # (-0) ** (1/p) is the real 0.0 in the authors' code, so for c = 0 their
+            # whole construction is real; a complex power here would round differently.
+            a, b = 0.0, float(num_calls) ** (1.0 / p)
+        else:
+            a = complex(-center) ** (1.0 / p)
+            b = complex(num_calls - center) ** (1.0 / p)
         x = np.linspace(a, b, n + 1)
         y = np.unique(np.trunc(np.power(x, p).real).astype(np.int64))
         calls = [0] + [int(v + center) for v in y[1:-1]]

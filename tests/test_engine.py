@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, UNet2DModel
+from torch import nn
 
 from bench import sampling
 from bench.engine import CacheError, CacheSettings, DeepCache, deepcache, skip_table
@@ -36,7 +37,7 @@ UNETS = {"unet2d": tiny_unet2d, "unet2d_cond": tiny_unet2d_cond}
 
 
 # --- the skip table -----------------------------------------------------------------
-CIFAR10_TABLE = [  # FACTS.md section 1: paper branch -> (producer, consumer, stored channels)
+CIFAR10_TABLE = [  # docs/conventions.md §1: paper branch -> (producer, consumer, stored channels)
     (1, "conv_in", "up_blocks.3.resnets.2", 128),
     (2, "down_blocks.0.resnets.0", "up_blocks.3.resnets.1", 128),
     (3, "down_blocks.0.resnets.1", "up_blocks.3.resnets.0", 256),
@@ -65,7 +66,7 @@ def test_cifar10_skip_table_row_by_row(cifar):
 
 
 def test_cifar10_stored_tensor_shapes(cifar):
-    """The stored main-path tensor has the shape FACTS.md lists (channels @ resolution)."""
+    """The stored main-path tensor has the shape docs/conventions.md §1 lists (channels @ resolution)."""
     sizes = {1: 32, 2: 32, 3: 32, 4: 16, 5: 16, 6: 16, 7: 8, 8: 8, 9: 8, 10: 4, 11: 4, 12: 4}
     x, _ = inputs(cifar, batch=1)
     for s in skip_table(cifar):
@@ -282,3 +283,141 @@ def test_nonuniform_schedule_drives_the_engine():
     assert state.full_calls == plan == state.plan
     with pytest.raises(CacheError, match="needs num_calls"):
         DeepCache(unet, settings)
+
+
+# --- what the cache holds -------------------------------------------------------------
+@pytest.mark.parametrize("kind", UNETS)
+def test_stored_feature_holds_no_autograd_graph(kind):
+    """With autograd on (parameters requiring grad, no ``no_grad``) the cache keeps no graph.
+
+    A stored tensor that required grad would keep the whole full call's graph (and its
+    activations) alive until the next full call.
+    """
+    unet = UNETS[kind]().requires_grad_(True)
+    x, kw = inputs(unet)
+    with deepcache(unet, CacheSettings(interval=2, branch=3)) as state:
+        out = unet(x, T, **kw).sample
+        assert out.requires_grad  # autograd really was recording the full call
+        assert not state.stored.requires_grad and state.stored.grad_fn is None
+        retr = unet(x, T, **kw).sample  # a retrieval call still runs with grad on
+        assert state.retrieval_calls == 1 and torch.equal(retr, out.detach())
+
+
+@pytest.mark.parametrize("kind", UNETS)
+def test_stored_feature_owns_its_memory(kind):
+    """The stored tensor is a copy, not a slice of the consumer's concatenated input.
+
+    ``x[:, :C]`` of the concatenation ``[main, skip]`` is a view: it would keep the
+    whole concatenated input (main path and skip) alive between full calls.
+    """
+    unet = UNETS[kind]()
+    x, kw = inputs(unet)
+    for s in skip_table(unet):
+        seen = []
+        consumer = unet.get_submodule(s.consumer)
+        handle = consumer.register_forward_pre_hook(
+            lambda m, a, k: seen.append(a[0] if a else k["input_tensor"]), with_kwargs=True
+        )
+        try:
+            with torch.no_grad(), deepcache(unet, CacheSettings(interval=2, branch=s.branch)) as state:
+                unet(x, T, **kw)
+                stored = state.stored
+        finally:
+            handle.remove()
+        (concatenated,) = seen
+        assert concatenated.shape[1] == s.main_channels + s.skip_channels
+        assert torch.equal(stored, concatenated[:, : s.main_channels]), s.branch
+        assert stored.untyped_storage().data_ptr() != concatenated.untyped_storage().data_ptr(), s.branch
+        assert stored.untyped_storage().nbytes() == stored.numel() * stored.element_size(), s.branch
+
+
+# --- what a retrieval call refuses ----------------------------------------------------
+@pytest.mark.parametrize(
+    "key",
+    ["down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals"],
+)
+def test_retrieval_refuses_controlnet_and_adapter_residuals(key):
+    """Residuals added to the skips or the mid block cannot reach a cached feature: refuse them."""
+    unet = tiny_unet2d_cond()
+    x, kw = inputs(unet)
+    with torch.no_grad(), deepcache(unet, CacheSettings(interval=2, branch=1)) as state:
+        unet(x, T, **kw)  # full call: plain U-Net, residuals would be fine
+        residual = torch.zeros(x.shape[0], 16, 2, 2)
+        value = residual if key == "mid_block_additional_residual" else (residual,)
+        with pytest.raises(CacheError, match=f"`{key}`"):
+            unet(x, T, **kw, **{key: value})
+        assert state.retrieval_calls == 0
+        unet(x, T, **kw, **{key: None})  # None is the default and is accepted
+        assert state.retrieval_calls == 1
+
+
+# --- U-Nets the skip table refuses ------------------------------------------------------
+def _tiny(down, up, **extra):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return UNet2DModel(
+            sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+            norm_num_groups=4, down_block_types=down, up_block_types=up, **extra,
+        ).eval()
+
+
+@pytest.mark.parametrize(
+    "down,up,path,cls",
+    [
+        (("DownBlock2D", "SkipDownBlock2D"), ("UpBlock2D", "UpBlock2D"), "down_blocks.1", "SkipDownBlock2D"),
+        (("DownBlock2D", "DownBlock2D"), ("SkipUpBlock2D", "UpBlock2D"), "up_blocks.0", "SkipUpBlock2D"),
+    ],
+)
+def test_skip_table_refuses_blocks_with_a_skip_conv(down, up, path, cls):
+    """Score-SDE style blocks (a ``skip_conv`` path beside the resnets) are not supported."""
+    unet = _tiny(down, up)
+    assert hasattr(unet.get_submodule(path), "skip_conv")
+    with pytest.raises(CacheError, match=rf"^{path} \({cls}\) is not a resnet/attention block"):
+        skip_table(unet)
+    with pytest.raises(CacheError, match=path):
+        DeepCache(unet, CacheSettings(interval=2, branch=1))
+
+
+def test_skip_table_refuses_a_block_without_resnets():
+    unet = tiny_unet2d()
+    unet.down_blocks[2] = nn.Identity()
+    with pytest.raises(CacheError, match=r"^down_blocks.2 \(Identity\) is not a resnet/attention block"):
+        skip_table(unet)
+
+
+@pytest.mark.parametrize("where", ["down_blocks.1", "up_blocks.2"])
+def test_skip_table_refuses_mismatched_resnets_and_attentions(where):
+    unet = tiny_unet2d()  # down_blocks.1 and up_blocks.2 are attention blocks
+    block = unet.get_submodule(where)
+    block.attentions = nn.ModuleList(block.attentions[:1])
+    n = len(block.resnets)
+    with pytest.raises(CacheError, match=rf"^{where} pairs {n} resnets with 1 attentions$"):
+        skip_table(unet)
+
+
+def test_skip_table_refuses_several_downsamplers():
+    unet = tiny_unet2d()
+    block = unet.down_blocks[1]
+    block.downsamplers = nn.ModuleList([block.downsamplers[0], block.downsamplers[0]])
+    with pytest.raises(CacheError, match=r"^down_blocks.1 has 2 downsamplers$"):
+        skip_table(unet)
+
+
+@pytest.mark.parametrize("drop_from", ["down_blocks.0", "up_blocks.3"])
+def test_skip_table_refuses_unpaired_skips(drop_from):
+    """Every produced skip needs exactly one consumer."""
+    unet = tiny_unet2d()
+    block = unet.get_submodule(drop_from)
+    block.resnets = nn.ModuleList(block.resnets[:-1])
+    produced, consumed = (11, 12) if drop_from.startswith("down") else (12, 11)
+    with pytest.raises(CacheError, match=rf"^UNet2DModel: {produced} skips produced but {consumed} consumed"):
+        skip_table(unet)
+
+
+def test_skip_table_refuses_a_consumer_without_a_main_path():
+    """A consumer whose input is no wider than its skip cannot concatenate a main-path tensor."""
+    unet = tiny_unet2d()
+    consumer = unet.up_blocks[3].resnets[2]  # consumes conv_in's 8 channels
+    consumer.in_channels = unet.conv_in.out_channels
+    with pytest.raises(CacheError, match=r"^up_blocks.3.resnets.2 takes 8 channels, not more than its skip's 8$"):
+        skip_table(unet)

@@ -96,3 +96,30 @@ def test_bad_features_raise_one_line(real, fake, match):
     with pytest.raises(ValueError, match=match) as err:
         precision_recall(real, fake)
     assert "\n" not in str(err.value)
+
+
+def test_a_point_exactly_on_a_ball_boundary_is_inside():
+    """Ties count as inside: ``distance <= radius`` (Kynkäänniemi et al. 2019; ADM's ManifoldEstimator).
+
+    Integer coordinates with integer means keep every squared distance exact in float64.
+    Real points 0..4 on a line (k = 3): the balls around 0 and 4 have radius 3, the inner
+    ones radius 2. The fake points -3 and 7 lie exactly on the outer balls' boundaries and
+    in no other ball; the other fakes are far away. Swapping the two sets puts the same
+    tie on the recall side.
+    """
+    real = np.array([[0, 0], [1, 0], [2, 0], [3, 0], [4, 0]], dtype=np.float64)
+    fake = np.array([[-3, 0], [7, 0], [50, 0], [51, 0], [52, 0], [53, 0]], dtype=np.float64)
+    # the geometry, in exact integer arithmetic
+    sq = lambda a, b: int(((a - b) ** 2).sum())  # noqa: E731
+    radii = [sorted(sq(r, q) for q in real)[3] for r in real]
+    assert radii == [9, 4, 4, 4, 9]
+    assert sq(fake[0], real[0]) == radii[0] and sq(fake[1], real[4]) == radii[4]
+    assert all(sq(f, r) > rad for f in fake[:2] for r, rad in zip(real[1:4], radii[1:4]))
+
+    np.testing.assert_array_equal(
+        manifold_radii(torch.from_numpy(real - real.mean(axis=0)), k=3, batch_size=2).numpy(), radii
+    )
+    # every real point lies in the first fake's (large) ball; exactly two of six fakes touch the real manifold
+    assert precision_recall(real, fake) == (2 / 6, 1.0)
+    assert precision_recall(fake, real) == (1.0, 2 / 6)
+    assert _brute_force(real, fake, 3) == (2 / 6, 1.0)

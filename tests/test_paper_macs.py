@@ -31,7 +31,7 @@ def average_g(full, retrieval, interval: int, calls: int) -> float:
 def test_ldm4g_table1_branch1_ddim250():
     full, retr = per_call("ldm_cin256", 1)
     assert full.paper / 1e9 == pytest.approx(99.82, rel=1e-3)
-    assert retr.paper / 1e9 == pytest.approx(4.42, rel=2e-3)  # FACTS.md section 3
+    assert retr.paper / 1e9 == pytest.approx(4.42, rel=2e-3)  # docs/conventions.md §3
     table = pd.read_csv(PAPER / "table1_imagenet_ldm4g.csv")
     for _, row in table[table.schedule == "uniform"].iterrows():
         assert average_g(full, retr, int(row.interval), 250) == pytest.approx(row.macs_g, rel=3e-3)

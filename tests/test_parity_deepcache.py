@@ -1,6 +1,6 @@
 """Parity with the authors' diffusers plug-in (``DeepCache`` 0.1.1 on PyPI).
 
-Their ``cache_branch_id`` is our paper branch minus one (FACTS.md section 1). With
+Their ``cache_branch_id`` is our paper branch minus one (docs/conventions.md §1). With
 DDIM (distinct timesteps, so their timestep lookup counts calls correctly), the same
 pipeline, seed and interval must give the same images.
 """
