@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -111,6 +111,22 @@ class PromptsConfig:
     split: Optional[str] = None
 
 
+class LabelMode(str, Enum):
+    random = "random"  # uniform over the classes, drawn from sample i's own seed
+    per_class = "per_class"  # `per_class` samples of class 0, then of class 1, ... (ADM protocol)
+    list = "list"  # sample i takes `list[i]`
+
+
+@dataclass
+class LabelsConfig:
+    """Class labels of a class-conditional model (LDM-4-G): the label of sample i
+    depends only on (run.seed, i) and these settings, never on batching or shards."""
+
+    mode: LabelMode = LabelMode.random
+    per_class: int = 50  # mode per_class: 50 x 1000 classes = the 50k of ADM's evaluation
+    list: List[int] = field(default_factory=lambda: [])  # mode list: one label per sample
+
+
 @dataclass
 class RunSettings:
     mode: Mode = Mode.full
@@ -130,6 +146,7 @@ class RunSettings:
     timing_warmup: int = 1
     progress: bool = True
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
 
 
 @dataclass
