@@ -114,7 +114,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return dict(load_file(str(p)))
         except Exception as e:
-            raise HarnessError(f"checkpoint {str(path)!r}: not a readable safetensors file ({_first_line(e)})") from None
+            raise HarnessError(
+                f"checkpoint {str(path)!r}: not a readable safetensors file ({_first_line(e)})"
+            ) from None
     obj = _torch_load(p)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state:
