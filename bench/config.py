@@ -112,8 +112,8 @@ class PromptsConfig:
 
 
 class LabelMode(str, Enum):
-    random = "random"  # uniform over the classes, drawn from sample i's own seed
-    per_class = "per_class"  # `per_class` samples of class 0, then of class 1, ... (ADM protocol)
+    random = "random"  # uniform over the classes, drawn from sample i's own seed (the paper's protocol)
+    per_class = "per_class"  # `per_class` samples of class 0, then of class 1, ... (class-balanced)
     list = "list"  # sample i takes `list[i]`
 
 
@@ -123,7 +123,7 @@ class LabelsConfig:
     depends only on (run.seed, i) and these settings, never on batching or shards."""
 
     mode: LabelMode = LabelMode.random
-    per_class: int = 50  # mode per_class: 50 x 1000 classes = the 50k of ADM's evaluation
+    per_class: int = 50  # mode per_class: 50 x 1000 classes = a class-balanced 50k
     list: List[int] = field(default_factory=lambda: [])  # mode list: one label per sample
 
 

@@ -170,9 +170,11 @@ def class_labels(rule: Any, seed: int, indices: range | list[int], num_classes: 
     """The class label of each sample index under ``run.labels``.
 
     ``random``: uniform over ``num_classes``, drawn from sample ``i``'s own seed
-    (``sampling.sample_seed(seed, i)``), so it depends only on ``(seed, i)``;
+    (``sampling.sample_seed(seed, i)``), so it depends only on ``(seed, i)``; the
+    paper's protocol (the authors' ``experiments/ldm/sample_ddp_deepcache.py`` draws
+    ``torch.randint(0, 1000)`` labels, as guided-diffusion's sampling scripts do);
     ``per_class``: ``per_class`` samples of each class in class order (sample ``i``
-    is class ``i // per_class``: ADM's evaluation draws 50 per class for 50k);
+    is class ``i // per_class``; 50 per class gives a class-balanced 50k);
     ``list``: sample ``i`` is ``list[i]``.
     """
     from bench.sampling import sample_seed

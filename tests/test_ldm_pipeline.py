@@ -110,7 +110,7 @@ def test_labels_depend_only_on_seed_and_index():
     assert whole != class_labels(rule, 8, range(40), 1000)
     assert class_labels(_rule(mode="per_class", per_class=3), 0, range(2, 8), 1000) == [0, 1, 1, 1, 2, 2]
     assert class_labels(_rule(mode="list", list=[5, 6, 7]), 0, range(1, 3), 1000) == [6, 7]
-    # 50 per class covers ImageNet's 1000 classes with the 50k samples of ADM's protocol
+    # 50 per class: a class-balanced 50k over ImageNet's 1000 classes
     per_class = class_labels(_rule(mode="per_class", per_class=50), 0, range(50000), 1000)
     assert np.array_equal(np.bincount(per_class), np.full(1000, 50))
 
