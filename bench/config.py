@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -86,6 +86,22 @@ class PromptsConfig:
     split: Optional[str] = None
 
 
+class LabelMode(str, Enum):
+    random = "random"  # uniform over the classes, drawn from sample i's own seed (the paper's protocol)
+    per_class = "per_class"  # `per_class` samples of class 0, then of class 1, ... (class-balanced)
+    list = "list"  # sample i takes `list[i]`
+
+
+@dataclass
+class LabelsConfig:
+    """Class labels of a class-conditional model (LDM-4-G): the label of sample i
+    depends only on (run.seed, i) and these settings, never on batching or shards."""
+
+    mode: LabelMode = LabelMode.random
+    per_class: int = 50  # mode per_class: 50 x 1000 classes = a class-balanced 50k
+    list: List[int] = field(default_factory=lambda: [])  # mode list: one label per sample
+
+
 @dataclass
 class RunSettings:
     mode: Mode = Mode.full
@@ -111,6 +127,7 @@ class RunSettings:
     timing_loop_max_s: float = 0.5  # auto on CPU: time whole loops only when one takes at most this
     progress: bool = True
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from hydra.utils import get_class
+from omegaconf import OmegaConf
 from torch import nn
 
 from bench.config import HarnessError
@@ -59,6 +60,11 @@ def load_model(mcfg: Any, device: str = "cpu", dtype: torch.dtype = torch.float3
         scheduler_config = _scheduler_config(mcfg.arch, "scheduler", mcfg)
         source = f"random:{mcfg.init_seed}"
     else:
+        if OmegaConf.is_config(mcfg) and OmegaConf.is_missing(mcfg, "pretrained"):
+            raise HarnessError(
+                f"model {mcfg.name} has no default weights: set model.pretrained=<hub id or local diffusers "
+                "directory> (or model.weights=random with run.mode=cost)"
+            )
         unet = _from_pretrained(cls, mcfg.pretrained, mcfg.subfolder)
         scheduler_config = _scheduler_config(mcfg.pretrained, mcfg.scheduler_subfolder, mcfg)
         source = str(mcfg.pretrained)

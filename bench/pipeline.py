@@ -1,9 +1,13 @@
-"""What surrounds the U-Net of a latent text-to-image model: prompts, text encoder, VAE.
+"""What surrounds the U-Net of a latent model: conditioning before the loop, decoding after it.
 
-Loaded from the same diffusers directory (hub id or local path) as the U-Net, from
-the subfolders a Stable Diffusion repository has (``text_encoder``, ``tokenizer``,
-``vae``). None of this runs inside the timed denoising loop: prompts are encoded
-before it and latents decoded after it, as the paper's throughput excludes them.
+Text-to-image (Stable Diffusion): prompts, CLIP text encoder, KL VAE, from the
+subfolders a Stable Diffusion repository has (``text_encoder``, ``tokenizer``,
+``vae``). Class-conditional (LDM-4-G): class labels, the learned class embedding,
+the VQ-f4 autoencoder, from a directory written by ``python -m bench.convert ldm``
+(``class_embedder``, ``vqvae``). Both are loaded from the same diffusers directory
+(hub id or local path) as the U-Net. None of this runs inside the timed denoising
+loop: conditioning is computed before it and latents decoded after it, as the
+paper's throughput excludes them.
 """
 
 from __future__ import annotations
@@ -157,3 +161,138 @@ class TextToImage:
             self._empty = self.text.encode([""])
         uncond = {k: v.expand(len(indices), *v.shape[1:]) for k, v in self._empty.items()}
         return cond, uncond
+
+
+# ---------------------------------------------------------------- class-conditional (LDM-4-G)
+
+LABEL_STREAM = 0x6C61  # keeps a sample's label draw apart from its noise, which uses the same seed
+
+
+def class_labels(rule: Any, seed: int, indices: range | list[int], num_classes: int) -> list[int]:
+    """The class label of each sample index under ``run.labels``.
+
+    ``random``: uniform over ``num_classes``, drawn from sample ``i``'s own seed
+    (``sampling.sample_seed(seed, i)``), so it depends only on ``(seed, i)``; the
+    paper's protocol (the authors' ``experiments/ldm/sample_ddp_deepcache.py`` draws
+    ``torch.randint(0, 1000)`` labels, as guided-diffusion's sampling scripts do);
+    ``per_class``: ``per_class`` samples of each class in class order (sample ``i``
+    is class ``i // per_class``; 50 per class gives a class-balanced 50k);
+    ``list``: sample ``i`` is ``list[i]``.
+    """
+    from bench.sampling import sample_seed
+
+    mode = getattr(rule.mode, "value", rule.mode)
+    if mode == "random":
+        return [int(np.random.default_rng([sample_seed(seed, i), LABEL_STREAM]).integers(num_classes))
+                for i in indices]
+    if mode == "per_class":
+        return [i // rule.per_class for i in indices]
+    return [int(rule.list[i]) for i in indices]
+
+
+def check_labels(rule: Any, num_samples: int, num_classes: int) -> None:
+    """Fail before generating when ``run.labels`` cannot label ``num_samples`` samples."""
+    mode = getattr(rule.mode, "value", rule.mode)
+    if mode == "per_class":
+        if rule.per_class < 1:
+            raise HarnessError(f"run.labels.per_class must be >= 1, got {rule.per_class}")
+        if num_samples > rule.per_class * num_classes:
+            raise HarnessError(
+                f"run.num_samples={num_samples} exceeds run.labels.per_class={rule.per_class} x {num_classes} classes"
+            )
+    elif mode == "list":
+        if num_samples > len(rule.list):
+            raise HarnessError(f"run.num_samples={num_samples} exceeds the {len(rule.list)} labels of run.labels.list")
+        bad = sorted({int(y) for y in rule.list[:num_samples] if not 0 <= int(y) < num_classes})
+        if bad:
+            raise HarnessError(f"run.labels.list holds {bad[:5]}, outside the classes 0..{num_classes - 1}")
+
+
+def _fingerprint(module: torch.nn.Module) -> str:
+    """A content fingerprint of a module's weights (a strided sample of every tensor)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class VqDecoder:
+    """Latents -> uint8 images through the VQ autoencoder (LDM's ``decode_first_stage``
+    of a ``VQModelInterface``: divide by the scale factor, quantize to the nearest
+    codebook entry, decode). Runs in float32 whatever ``run.dtype``: the nearest-code
+    search is where half precision could change the result."""
+
+    def __init__(self, where: str, device: str):
+        from diffusers import VQModel
+
+        self.vq = _from_pretrained(VQModel, where, "vqvae")
+        if self.vq.dtype != torch.float32:
+            self.vq.float()
+        self.vq.to(device=device).eval().requires_grad_(False)
+
+    @torch.inference_mode()
+    def __call__(self, latents: torch.Tensor) -> np.ndarray:
+        z = latents.to(self.vq.device, torch.float32) / self.vq.config.scaling_factor
+        return to_uint8(self.vq.decode(z).sample)
+
+
+class ClassToImage:
+    """Per-sample conditioning and decoding for a class-conditional latent model (LDM-4-G).
+
+    Sample ``i`` gets the label ``class_labels(run.labels, run.seed, [i])``; its
+    context is that label's row of the learned class embedding, one token long.
+    Classifier-free guidance (``model.guidance_scale`` > 1; 1.5 in the paper) pairs
+    it with the null class, as CompVis/latent-diffusion's ImageNet sampling does
+    (``scripts/latent_imagenet_diffusion.ipynb``: unconditional label 1000).
+    """
+
+    def __init__(self, mcfg: Any, rcfg: Any, device: str, dtype: torch.dtype):
+        from bench.ldm import SUBFOLDER, ClassEmbedder
+
+        self.rule = rcfg.labels
+        self.seed = rcfg.seed
+        self.embedder = _from_pretrained(ClassEmbedder, mcfg.pretrained, SUBFOLDER)
+        self.embedder.to(device=device).eval().requires_grad_(False)
+        self.dtype = dtype
+        self.num_classes = self.embedder.config.num_classes
+        self.null_class = self.embedder.config.null_class
+        check_labels(self.rule, rcfg.num_samples, self.num_classes)
+        self.guidance_scale = mcfg.guidance_scale
+        if self.guidance_scale > 1 and self.null_class is None:
+            raise HarnessError(
+                f"model.guidance_scale={self.guidance_scale} needs a null class, which the class embedding of "
+                f"{mcfg.pretrained!r} lacks; set model.guidance_scale=1"
+            )
+        self.decode = VqDecoder(mcfg.pretrained, device)
+
+    def key(self) -> dict[str, Any]:
+        mode = getattr(self.rule.mode, "value", self.rule.mode)
+        labels: dict[str, Any] = {"mode": mode, "num_classes": self.num_classes}
+        if mode == "random":
+            labels["stream"] = LABEL_STREAM
+        elif mode == "per_class":
+            labels["per_class"] = self.rule.per_class
+        else:
+            labels["list"] = hashlib.sha256(json.dumps([int(y) for y in self.rule.list]).encode()).hexdigest()[:16]
+        return {
+            "labels": labels, "guidance_scale": self.guidance_scale, "null_class": self.null_class,
+            "class_embedder": _fingerprint(self.embedder), "vqvae": _fingerprint(self.decode.vq),
+            "decode_dtype": "float32",
+        }
+
+    def prompts_for(self, indices: range) -> list[int]:
+        """The class labels of ``indices`` (what the evaluator gets in place of prompts)."""
+        return class_labels(self.rule, self.seed, indices, self.num_classes)
+
+    @torch.inference_mode()
+    def _context(self, labels: list[int]) -> dict[str, torch.Tensor]:
+        y = torch.tensor(labels, dtype=torch.long, device=self.embedder.device)
+        return {"encoder_hidden_states": self.embedder(y).to(self.dtype)}
+
+    def conditioning(self, indices: range) -> tuple[dict, dict | None]:
+        cond = self._context(self.prompts_for(indices))
+        if self.guidance_scale <= 1:
+            return cond, None
+        return cond, self._context([self.null_class] * len(indices))
