@@ -15,7 +15,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from bench.options import DType, Mode, Schedule, Timing, Weights
+from bench.options import DType, LabelMode, Mode, Schedule, Timing, Weights
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -84,12 +84,6 @@ class PromptsConfig:
     source: Optional[str] = None  # .txt (one per line), .json list, or a Hugging Face dataset
     column: Optional[str] = None  # dataset column (lists: first entry), e.g. captions / Prompt
     split: Optional[str] = None
-
-
-class LabelMode(str, Enum):
-    random = "random"  # uniform over the classes, drawn from sample i's own seed (the paper's protocol)
-    per_class = "per_class"  # `per_class` samples of class 0, then of class 1, ... (class-balanced)
-    list = "list"  # sample i takes `list[i]`
 
 
 @dataclass

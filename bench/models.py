@@ -33,20 +33,23 @@ class LoadedModel:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """A content fingerprint of the weights (a strided sample of every tensor)."""
-        h = hashlib.sha256()
-        for name, t in sorted(self.unet.state_dict().items()):
-            flat = t.detach().reshape(-1)
-            step = max(1, flat.numel() // 4096)
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(flat[::step].float().cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return weights_fingerprint(self.unet)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         c = self.unet.config
         size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
         return (c.in_channels, size, size)
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A content fingerprint of a module's weights (a strided sample of every tensor)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_model(mcfg: Any, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:

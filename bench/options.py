@@ -51,6 +51,12 @@ class DType(Choice):
     bfloat16 = "bfloat16"
 
 
+class LabelMode(Choice):
+    random = "random"  # uniform over the classes, drawn from sample i's own seed (the paper's protocol)
+    per_class = "per_class"  # `per_class` samples of class 0, then of class 1, ... (class-balanced)
+    list = "list"  # sample i takes `list[i]`
+
+
 def value(x) -> str:
     """The plain string of an enum member or a string."""
     return getattr(x, "value", x)

@@ -22,6 +22,7 @@ import torch
 
 from bench.config import HarnessError
 from bench.images import to_uint8
+from bench.models import weights_fingerprint
 
 
 def load_prompts(source: str, column: str | None = None, split: str | None = None) -> list[str]:
@@ -148,7 +149,10 @@ class TextToImage:
         self._empty: dict[str, torch.Tensor] | None = None
 
     def key(self) -> dict[str, Any]:
-        return {"prompts": prompts_digest(self.prompts), "guidance_scale": self.guidance_scale}
+        return {
+            "prompts": prompts_digest(self.prompts), "guidance_scale": self.guidance_scale,
+            "text_encoder": weights_fingerprint(self.text.encoder), "vae": weights_fingerprint(self.decode.vae),
+        }
 
     def prompts_for(self, indices: range) -> list[str]:
         return [self.prompts[i] for i in indices]
@@ -206,16 +210,6 @@ def check_labels(rule: Any, num_samples: int, num_classes: int) -> None:
         bad = sorted({int(y) for y in rule.list[:num_samples] if not 0 <= int(y) < num_classes})
         if bad:
             raise HarnessError(f"run.labels.list holds {bad[:5]}, outside the classes 0..{num_classes - 1}")
-
-
-def _fingerprint(module: torch.nn.Module) -> str:
-    """A content fingerprint of a module's weights (a strided sample of every tensor)."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        flat = t.detach().reshape(-1)
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class VqDecoder:
@@ -278,7 +272,7 @@ class ClassToImage:
             labels["list"] = hashlib.sha256(json.dumps([int(y) for y in self.rule.list]).encode()).hexdigest()[:16]
         return {
             "labels": labels, "guidance_scale": self.guidance_scale, "null_class": self.null_class,
-            "class_embedder": _fingerprint(self.embedder), "vqvae": _fingerprint(self.decode.vq),
+            "class_embedder": weights_fingerprint(self.embedder), "vqvae": weights_fingerprint(self.decode.vq),
             "decode_dtype": "float32",
         }
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from bench import convert, cost, measure
+from bench import convert, macs, measure
 from bench.engine import CacheSettings
 from bench.models import LoadedModel
 from bench.schedules import uniform_full_calls
@@ -173,7 +173,7 @@ def test_real_yaml_gives_the_shipped_architecture_and_table1_macs():
     rows = table[table.schedule == "uniform"]
     assert sorted(rows.interval) == [2, 3, 5, 10, 20]
     for _, row in rows.iterrows():
-        avg = cost.average_macs(full, retrieval, uniform_full_calls(250, int(row.interval)), 250).paper / 1e9
+        avg = macs.average_macs(full, retrieval, uniform_full_calls(250, int(row.interval)), 250).paper / 1e9
         assert avg == pytest.approx(row.macs_g, rel=5e-3), row.interval
 
 

@@ -164,19 +164,20 @@ def test_full_run_from_the_command_line_with_inception_metrics(tiny, tmp_path):
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8))
     r = run_py(*_cfg_args(root, "sampler=ddim", f"sampler.steps={STEPS}", f"cache.interval={N}",
-                          "run.num_samples=4", "run.batch_size=4", "run.timing=calls", "run.timing_repeats=1",
-                          "run.timing_warmup=0", "run.progress=false", "run.threads=1",
-                          "metrics.which=[is,precision,recall]", "metrics.is_split_size=2", f"metrics.reference={ref}",
+                          "run.num_samples=4", "run.batch_size=4", "run.timing=calls", "run.timing_repeats=2",
+                          "run.timing_budget_s=0", "run.timing_warmup=0", "run.progress=false", "run.threads=1",
+                          "quality.which=[is,precision,recall]", "quality.is_split_size=2", f"metrics.reference={ref}",
                           f"metrics.inception_weights={weights}", f"metrics.cache_dir={tmp_path}/mcache",
                           f"hydra.run.dir={tmp_path}/out"))
     assert r.returncode == 0, r.stderr
     rec = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert rec["mode"] == "full" and rec["protocol"] == "adm/inception-v3-compat" and rec["n_fake"] == 4
+    m, b = rec["measurements"], rec["baseline"]["measurements"]
+    assert rec["mode"] == "full" and m["protocol"] == "adm/inception-v3-compat" and m["n_fake"] == 4
     for key in ("is_mean", "precision", "recall"):
-        assert np.isfinite(rec[key]) and np.isfinite(rec["baseline"][key]), key
-    assert rec["is_mean"] != rec["baseline"]["is_mean"]
+        assert np.isfinite(m[key]) and np.isfinite(b[key]), key
+    assert m["is_mean"] != b["is_mean"]
     assert rec["settings"]["run"]["labels"] == {"mode": "random", "per_class": 50, "list": []}
-    assert rec["throughput"] > 0 and rec["macs_predicted_speedup"] > 1
+    assert m["throughput"] > 0 and m["macs_predicted_speedup"] > 1
 
 
 def test_cost_mode_with_random_weights_needs_no_pipeline(tiny):
@@ -189,6 +190,6 @@ def test_cost_mode_with_random_weights_needs_no_pipeline(tiny):
                       "run.timing=off", "sampler.steps=10", "cache.interval=5")
     rec = json.loads(run(cfg, root / "cost").read_text())
     assert rec["model_source"] == "random:0" and rec["full_calls"] == [0, 5]
-    assert rec["macs_full_paper"] > rec["macs_paper"] > 0
+    assert rec["measurements"]["macs_full_g"] > rec["measurements"]["macs_g"] > 0
     ctx = models.random_context(cfg.model, models.load_model(cfg.model).unet, 2, seed=0)
     assert ctx["encoder_hidden_states"].shape == (2, 1, 32)
