@@ -62,6 +62,8 @@ class ModelConfig:
     nonuniform_default: NonUniformParams = field(default_factory=NonUniformParams)
     # per-interval (N) non-uniform hyper-parameters from the paper's tables
     nonuniform_by_interval: dict[int, NonUniformParams] = field(default_factory=dict)
+    # the same per prompt set (run.prompts.name), where the paper tuned them per set (Table 10)
+    nonuniform_by_prompts: dict[str, dict[int, NonUniformParams]] = field(default_factory=dict)
     # what the sampling loop produces: pixels (images in [-1, 1]) or latents, which
     # `pipeline` (a class path, e.g. bench.pipeline.TextToImage) conditions and decodes
     output: str = "pixels"
@@ -79,8 +81,9 @@ class SamplerConfig:
 
 @dataclass
 class PromptsConfig:
-    """Prompts of a text-conditioned model: sample i uses prompt i."""
+    """Prompts of a text-conditioned model: sample i uses prompt i (conf/prompts/*.yaml)."""
 
+    name: Optional[str] = None  # the prompt set's name, e.g. coco2017 (per-set paper settings, tables)
     source: Optional[str] = None  # .txt (one per line), .json list, or a Hugging Face dataset
     column: Optional[str] = None  # dataset column (lists: first entry), e.g. captions / Prompt
     split: Optional[str] = None
@@ -102,6 +105,11 @@ class RunSettings:
     seed: int = 0
     num_samples: int = 256
     batch_size: int = 64
+    # the uncached reference a run's speed-up and baseline row are measured against: the same
+    # sampler at this many steps (null: the run's own steps), e.g. 50 for "speed vs PLMS-50"
+    baseline_steps: Optional[int] = None
+    # generate and score the baseline's images too (off for searches: its speed is still timed)
+    baseline_images: bool = True
     shards: int = 1
     shard: Optional[int] = None  # generate only this shard (0-based); null: all of them
     device: str = "cpu"
@@ -140,6 +148,59 @@ class MetricsConfig:
 
 
 @dataclass
+class PlotSpec:
+    """One figure of a paper table: ``y`` against ``x``, one line per ``series`` value, ours
+    solid and the paper's dashed."""
+
+    x: str = MISSING
+    y: str = MISSING
+    series: list[str] = field(default_factory=list)
+    title: Optional[str] = None
+
+
+@dataclass
+class SelectSpec:
+    """A search table (supp. Tables 9, 10): per group of ``by``, the run with the best ``best``."""
+
+    by: list[str] = field(default_factory=list)
+    best: str = MISSING
+    mode: str = "min"  # min | max
+    report: list[str] = field(default_factory=list)  # settings of the best run to report
+
+
+@dataclass
+class TableSpec:
+    """How a sweep becomes one of the paper's tables (bench/tables.py renders it).
+
+    Our rows come from the sweep's table.csv (``where`` filters them, ``derived`` adds
+    columns by pandas expressions); the paper's from ``results/paper/<paper>``
+    (``paper_where`` filters, ``paper_columns`` renames to our names, ``paper_scale``
+    converts units, e.g. the paper's percentages to our fractions). Both are joined on
+    ``index``; each of ``values`` gets ours, the paper's and the difference. ``pivot``
+    turns a setting into column groups (rows whose pivot value is ``pivot_shared`` are
+    repeated in every group, as the paper repeats its baseline).
+    """
+
+    name: str = MISSING
+    title: str = ""
+    paper: Optional[str] = None
+    paper_where: dict[str, Any] = field(default_factory=dict)
+    paper_columns: dict[str, str] = field(default_factory=dict)
+    paper_scale: dict[str, float] = field(default_factory=dict)  # e.g. percentages -> fractions
+    paper_protocol: Optional[str] = None
+    where: dict[str, Any] = field(default_factory=dict)
+    derived: dict[str, str] = field(default_factory=dict)
+    index: list[str] = field(default_factory=list)
+    pivot: Optional[str] = None
+    pivot_shared: Optional[str] = None
+    values: dict[str, str] = field(default_factory=dict)
+    comparable: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    plots: list[PlotSpec] = field(default_factory=list)
+    select: Optional[SelectSpec] = None
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     sampler: SamplerConfig = MISSING
@@ -149,6 +210,8 @@ class Config:
     # how images are scored: a conf/quality/*.yaml (instantiated, `_target_`); each model
     # picks one in its defaults list, `quality=<name>` overrides it
     quality: Optional[Any] = None
+    # the paper table a sweep renders (set by conf/experiment/table*.yaml)
+    table: Optional[TableSpec] = None
 
 
 def register() -> None:

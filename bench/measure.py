@@ -22,8 +22,12 @@ two methods (``run.timing``):
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -35,14 +39,27 @@ from bench.options import Timing, value
 
 
 def call_macs(loaded: LoadedModel, mcfg: Any, settings: CacheSettings) -> tuple[macs.MacCount, macs.MacCount]:
-    """MACs of one full and one retrieval call for one image (batch 1, no CFG doubling)."""
+    """MACs of one full and one retrieval call for one image (batch 1, no CFG doubling).
+
+    Counted on a meta-device copy built from the U-Net's config, so they depend only on
+    the architecture, the conditioning's shape and the branch: a sweep counts each once.
+    """
     unet = loaded.unet
+    config = json.dumps(dict(unet.config), sort_keys=True, default=str)
+    return _call_macs(type(unet), config, tuple(loaded.sample_shape), mcfg.conditioning,
+                      int(mcfg.context_tokens), int(settings.branch))
+
+
+@functools.lru_cache(maxsize=64)
+def _call_macs(cls: type, config: str, sample_shape: tuple[int, ...], conditioning: str, context_tokens: int,
+               branch: int) -> tuple[macs.MacCount, macs.MacCount]:
     with torch.device("meta"):
-        meta = type(unet).from_config(unet.config)
-    x = torch.empty(1, *loaded.sample_shape, device="meta")
+        meta = cls.from_config(json.loads(config))
+    x = torch.empty(1, *sample_shape, device="meta")
     t = torch.tensor([500], device="meta")
-    kwargs = {k: v.to("meta") for k, v in random_context(mcfg, meta, 1, seed=0).items()}
-    probe = CacheSettings(interval=2, branch=settings.branch)
+    context = {"conditioning": conditioning, "context_tokens": context_tokens}
+    kwargs = {k: v.to("meta") for k, v in random_context(context, meta, 1, seed=0).items()}
+    probe = CacheSettings(interval=2, branch=branch)
     with deepcache(meta, probe) as state:
         full = macs.count_macs(meta, x, t, **kwargs)
         retrieval = macs.count_macs(meta, x, t, **kwargs)
@@ -50,19 +67,44 @@ def call_macs(loaded: LoadedModel, mcfg: Any, settings: CacheSettings) -> tuple[
     return full, retrieval
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """The uncached reference of a run: the same sampler, at ``run.baseline_steps`` steps when
+    set (e.g. "speed vs PLMS-50"), else at the run's own steps."""
+
+    cfg: Any  # the run's config with sampler.steps set to the baseline's
+    num_calls: int
+    is_run: bool  # the run itself is that uncached reference
+
+
+def baseline_for(cfg: Any, loaded: LoadedModel, settings: CacheSettings, num_calls: int) -> Baseline:
+    steps = cfg.run.get("baseline_steps")
+    if steps is None or steps == cfg.sampler.steps:
+        return Baseline(cfg, num_calls, not settings.enabled)
+    bcfg = copy.deepcopy(cfg)
+    bcfg.sampler.steps = steps
+    calls = sampling.num_model_calls(sampling.build_scheduler(bcfg.sampler, loaded.scheduler_config))
+    return Baseline(bcfg, calls, False)
+
+
 def macs_record(
-    loaded: LoadedModel, mcfg: Any, settings: CacheSettings, full_calls: list[int], num_calls: int
+    loaded: LoadedModel, mcfg: Any, settings: CacheSettings, full_calls: list[int], num_calls: int,
+    baseline_calls: int | None = None,
 ) -> dict[str, float]:
-    """MACs in G per image and model call: averaged over the run, and of one full / retrieval call."""
+    """MACs in G per image and model call: averaged over the run, and of one full / retrieval
+    call; the whole run's MACs per image; the speed-up they predict against an uncached run of
+    ``baseline_calls`` calls (default: as many as this run)."""
     full, retrieval = call_macs(loaded, mcfg, settings)
     avg = macs.average_macs(full, retrieval, full_calls, num_calls)
+    baseline_calls = num_calls if baseline_calls is None else baseline_calls
     return {
         "macs_g": avg.paper / 1e9,
         "macs_all_g": avg.all / 1e9,
         "macs_full_g": full.paper / 1e9,
         "macs_retrieval_g": retrieval.paper / 1e9,
         "macs_full_all_g": full.all / 1e9,
-        "macs_predicted_speedup": float(full.paper / avg.paper),
+        "macs_run_g": avg.paper * num_calls / 1e9,
+        "macs_predicted_speedup": float(baseline_calls * full.paper / (num_calls * avg.paper)),
     }
 
 
@@ -126,37 +168,47 @@ def resolve_method(loaded: LoadedModel, cfg: Any, num_calls: int) -> str:
     return Timing.loop.value if estimate <= cfg.run.timing_loop_max_s else Timing.calls.value
 
 
-def loop_times(num_calls: int, n_full: int) -> Callable[[dict], tuple[Any, Any]]:
-    """``calls`` composition: per-call times -> (baseline loop, cached loop)."""
+def loop_times(num_calls: int, n_full: int, baseline_calls: int | None = None) -> Callable[[dict], tuple[Any, Any]]:
+    """``calls`` composition: per-call times -> (baseline loop, cached loop). The baseline makes
+    ``baseline_calls`` full calls (default ``num_calls``) with its own scheduler loop when timed
+    (arm ``scheduler_baseline``)."""
+    baseline_calls = num_calls if baseline_calls is None else baseline_calls
 
     def compose(t: dict) -> tuple[Any, Any]:
         full, retr, sched = t["full_call"], t["retrieval_call"], t["scheduler"]
-        return num_calls * full + sched, n_full * full + (num_calls - n_full) * retr + sched
+        base = baseline_calls * full + t.get("scheduler_baseline", sched)
+        return base, n_full * full + (num_calls - n_full) * retr + sched
 
     return compose
 
 
 def timing_record(
     loaded: LoadedModel, cfg: Any, settings: CacheSettings, full_calls: list[int], num_calls: int,
-    *, timer: Callable[[], float] = time.perf_counter,
+    baseline: Baseline | None = None, *, timer: Callable[[], float] = time.perf_counter,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Throughput of the baseline and the cached loop, the speed-up with its interval (the
     table's measurements), and the timing's details (rounds, raw times, machine load)."""
-    method = resolve_method(loaded, cfg, num_calls)
+    b = baseline or baseline_for(cfg, loaded, settings, num_calls)
+    method = resolve_method(loaded, b.cfg, b.num_calls)
     r, batch = cfg.run, cfg.run.timing_batch_size
     common = dict(
         warmup=r.timing_warmup, min_rounds=r.timing_repeats, precision=r.timing_precision,
         budget_s=r.timing_budget_s, device=r.device, timer=timer,
     )
     if method == Timing.loop:
-        baseline = CacheSettings(interval=1, branch=settings.branch, schedule="none")
-        arms = {"baseline": loop_fn(loaded, cfg, baseline, batch), "cached": loop_fn(loaded, cfg, settings, batch)}
-        result = timing.time_ratio(arms, lambda t: (t["baseline"], t["cached"]), **common)
+        uncached = CacheSettings(interval=1, branch=settings.branch, schedule="none")
+        arms = {"baseline": loop_fn(loaded, b.cfg, uncached, batch)}
+        if not b.is_run:
+            arms["cached"] = loop_fn(loaded, cfg, settings, batch)
+        run_arm = "baseline" if b.is_run else "cached"
+        result = timing.time_ratio(arms, lambda t: (t["baseline"], t[run_arm]), **common)
     elif method == Timing.calls:
         probe = CacheSettings(interval=2, branch=settings.branch)
         with torch.inference_mode(), deepcache(loaded.unet, probe) as state:
             arms = _call_variants(loaded, cfg, state, batch)
-            result = timing.time_ratio(arms, loop_times(num_calls, len(full_calls)), **common)
+            if b.cfg is not cfg:
+                arms["scheduler_baseline"] = _scheduler_only(loaded, b.cfg, batch)
+            result = timing.time_ratio(arms, loop_times(num_calls, len(full_calls), b.num_calls), **common)
     else:
         raise ValueError(f"run.timing={method!r} is not one of {', '.join(Timing.names())}")
     if result.warning:
@@ -197,7 +249,7 @@ def _call_variants(loaded: LoadedModel, cfg: Any, state: Any, batch: int) -> dic
     """Callables timing one full call, one retrieval call (engine attached, uniform
     1:2 plan) and one scheduler-only loop."""
     unet = loaded.unet
-    gens, noise, cond, uncond = _inputs(loaded, cfg, batch)
+    _, noise, cond, uncond = _inputs(loaded, cfg, batch)
     x, kwargs = _model_inputs(noise, cond, uncond)
     t = torch.tensor(500, device=noise.device)
 
@@ -211,12 +263,19 @@ def _call_variants(loaded: LoadedModel, cfg: Any, state: Any, batch: int) -> dic
         state.calls = 1  # call 1 of the 1:2 plan: retrieval, from what the last full call stored
         unet(x, t, **kwargs)
 
+    return {"full_call": full_call, "retrieval_call": retrieval_call, "scheduler": _scheduler_only(loaded, cfg, batch)}
+
+
+def _scheduler_only(loaded: LoadedModel, cfg: Any, batch: int) -> Callable[[], None]:
+    """One sampling loop of ``cfg.sampler`` with a model that returns zeros: the scheduler's own time."""
+    gens, noise, _, _ = _inputs(loaded, cfg, batch)
+    zero = _Zero(torch.zeros_like(noise))
+
     def scheduler_only():
         scheduler = sampling.build_scheduler(cfg.sampler, loaded.scheduler_config)
-        zero = _Zero(torch.zeros_like(noise))
         sampling.denoise(lambda *a, **k: zero, scheduler, noise, generators=gens, eta=cfg.sampler.eta)
 
-    return {"full_call": full_call, "retrieval_call": retrieval_call, "scheduler": scheduler_only}
+    return scheduler_only
 
 
 class _Zero:

@@ -102,18 +102,20 @@ def _scheduler_config(where: str, subfolder: str | None, mcfg: Any) -> dict[str,
         ) from None
 
 
-def cache_settings(ccfg: Any, mcfg: Any) -> CacheSettings:
+def cache_settings(ccfg: Any, mcfg: Any, prompt_set: str | None = None) -> CacheSettings:
     """Resolve the cache config against the model's paper defaults.
 
     ``cache.branch`` null -> the model's ``default_branch`` (DDPM 3, LDM 1, SD 2);
-    ``cache.center``/``cache.power`` null -> the model's per-interval table (paper
-    Tables 9-10) or its default.
+    ``cache.center``/``cache.power`` null -> the model's per-interval table for the prompt
+    set ``prompt_set`` (supp. Table 10), else its per-interval table (supp. Table 9),
+    else its default.
     """
     schedule = getattr(ccfg.schedule, "value", ccfg.schedule)
     branch = ccfg.branch if ccfg.branch is not None else mcfg.default_branch
     center, power = ccfg.center, ccfg.power
     if schedule == "nonuniform" and (center is None or power is None):
-        table = mcfg.nonuniform_by_interval or {}
+        by_prompts = mcfg.get("nonuniform_by_prompts") or {}
+        table = (by_prompts.get(prompt_set) if prompt_set else None) or mcfg.nonuniform_by_interval or {}
         params = table.get(ccfg.interval, mcfg.nonuniform_default)
         center = params.center if center is None else center
         power = params.power if power is None else power
@@ -127,10 +129,10 @@ def cache_settings(ccfg: Any, mcfg: Any) -> CacheSettings:
 
 def random_context(mcfg: Any, unet: nn.Module, batch: int, seed: int) -> dict[str, torch.Tensor]:
     """U-Net keyword inputs for conditioning, filled with seeded noise (cost runs only)."""
-    if mcfg.conditioning == "none":
+    if mcfg["conditioning"] == "none":
         return {}
     dim = unet.config.cross_attention_dim
     g = torch.Generator().manual_seed(seed)
-    ctx = torch.randn(batch, mcfg.context_tokens, dim, generator=g)
+    ctx = torch.randn(batch, mcfg["context_tokens"], dim, generator=g)
     p = next(unet.parameters())
     return {"encoder_hidden_states": ctx.to(device=p.device, dtype=p.dtype)}

@@ -2,7 +2,8 @@
 
 A sweep writes ``table.csv`` into its sweep directory when its jobs are done
 (``bench.sweeper``); ``python -m bench.report <sweep_dir>`` rebuilds it at any time,
-e.g. after an interrupted sweep or when the jobs ran elsewhere (SLURM).
+e.g. after an interrupted sweep or when the jobs ran elsewhere (SLURM), together with
+the paper table of an experiment sweep (``bench.tables``).
 
 Columns: the settings that identify a run, then every measurement the records hold
 (whatever the quality config produced), then ``status`` (``ok`` / ``failed``),
@@ -26,20 +27,22 @@ TABLE_NAME = "table.csv"
 
 # what identifies a row (settings), in this order; measurements follow
 SETTING_COLUMNS = [
-    "model", "weights", "sampler", "steps", "model_calls", "schedule", "interval", "branch",
+    "model", "prompts", "weights", "sampler", "steps", "model_calls", "schedule", "interval", "branch",
     "center", "power", "seed", "num_samples",
 ]
 TAIL_COLUMNS = ["status", "error", "job"]
 
 
-def _settings_row(rec: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
-    s = rec["settings"]
+def _settings_row(rec: dict[str, Any], cache: dict[str, Any], arm: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings columns of one row; ``arm`` (a baseline) may run at other steps than the run."""
+    s, arm = rec["settings"], arm or {}
     return {
         "model": s["model"]["name"],
+        "prompts": (s["run"].get("prompts") or {}).get("name"),
         "weights": s["model"]["weights"],
         "sampler": s["sampler"]["name"],
-        "steps": s["sampler"]["steps"],
-        "model_calls": rec.get("num_model_calls"),
+        "steps": arm.get("steps", s["sampler"]["steps"]),
+        "model_calls": arm.get("num_model_calls", rec.get("num_model_calls")),
         "schedule": cache["schedule"],
         "interval": cache["interval"],
         "branch": cache["branch"],
@@ -62,7 +65,7 @@ def rows_from_record(rec: dict[str, Any], job: str) -> list[dict[str, Any]]:
     rows = [{**_settings_row(rec, rec["cache"]), **_scalars(rec.get("measurements", {})), **tail}]
     base = rec.get("baseline")
     if base:
-        rows.insert(0, {**_settings_row(rec, base["cache"]), **_scalars(base.get("measurements", {})), **tail})
+        rows.insert(0, {**_settings_row(rec, base["cache"], base), **_scalars(base.get("measurements", {})), **tail})
     return rows
 
 
@@ -115,19 +118,21 @@ def fmt(x: Any, digits: int = 4) -> str:
         return "—"
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return str(x)
-    if isinstance(x, int):
-        return str(x)
+    if isinstance(x, int) or float(x).is_integer() and abs(x) < 1e6:
+        return str(int(x))
     return f"{x:.{digits}g}"
 
 
 def format_row(row: dict[str, Any]) -> str:
     """One run in one line: what ran, speed-up ± spread, MACs, quality."""
     if row.get("schedule") == "none":
-        what = "baseline (no cache)"
+        what = "no cache"
     else:
-        what = f"{row['schedule']} N={row['interval']} branch {row['branch']}"
+        what = f"{row['schedule']} N={fmt(row['interval'])} branch {fmt(row['branch'])}"
         if row.get("schedule") == "nonuniform":
             what += f" c={fmt(row.get('center'))} p={fmt(row.get('power'))}"
+    if row.get("steps") is not None:
+        what = f"{row['steps']} steps, {what}"
     parts = [what]
     if row.get("speedup") is not None:
         s = f"speed-up {row['speedup']:.2f}x"
@@ -149,7 +154,7 @@ def print_summary(df: pd.DataFrame, file=sys.stdout) -> None:
     for _, r in df.iterrows():
         row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
         line = format_row(row) if row.get("status") == "ok" else (
-            f"FAILED {row.get('schedule')} N={row.get('interval')}: {row.get('error')}")
+            f"FAILED {row.get('schedule')} N={fmt(row.get('interval'))}: {row.get('error')}")
         print(f"  [{row.get('job')}] {line}", file=file)
 
 
@@ -160,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         print(write_table(argv[0]))
+        from bench.tables import render
+
+        for out in render(argv[0]):
+            print(out)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ the error, so a sweep's table shows the failed row and nothing half-done is trus
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import traceback
@@ -52,7 +53,7 @@ class Prepared:
 
     def __init__(self, cfg: Any):
         self.loaded = models.load_model(cfg.model, cfg.run.device, _dtype(cfg.run.dtype))
-        self.settings = models.cache_settings(cfg.cache, cfg.model)
+        self.settings = models.cache_settings(cfg.cache, cfg.model, cfg.run.prompts.name)
         scheduler = sampling.build_scheduler(cfg.sampler, self.loaded.scheduler_config)
         self.num_calls = sampling.num_model_calls(scheduler)
         try:  # validates branch and schedule against this model and this sampler
@@ -61,6 +62,7 @@ class Prepared:
             raise HarnessError(str(e)) from None
         self.full_calls, self.skip = plan.state.plan, plan.skip
         self.baseline = CacheSettings(interval=1, branch=self.settings.branch, schedule="none")
+        self.reference = measure.baseline_for(cfg, self.loaded, self.settings, self.num_calls)
 
     def record(self, cfg: Any, mode: str) -> dict[str, Any]:
         s = self.settings
@@ -75,22 +77,29 @@ class Prepared:
             "num_full_calls": len(self.full_calls),
         }
 
-    def baseline_cache(self) -> dict[str, Any]:
-        return {**self.baseline.__dict__, "branch": None, "skip_producer": None, "skip_consumer": None}
+    def baseline_record(self) -> dict[str, Any]:
+        """What identifies the baseline row: uncached, at the reference's steps."""
+        return {
+            "cache": {**self.baseline.__dict__, "branch": None, "skip_producer": None, "skip_consumer": None},
+            "steps": self.reference.cfg.sampler.steps,
+            "num_model_calls": self.reference.num_calls,
+        }
 
 
 def _cost(p: Prepared, cfg: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
     """(measurements of the cached run, of the baseline, timing details or None)."""
-    cached = measure.macs_record(p.loaded, cfg.model, p.settings, p.full_calls, p.num_calls)
+    ref = p.reference
+    cached = measure.macs_record(p.loaded, cfg.model, p.settings, p.full_calls, p.num_calls, ref.num_calls)
     base = {
         "macs_g": cached["macs_full_g"],
         "macs_all_g": cached["macs_full_all_g"],
         "macs_full_g": cached["macs_full_g"],
+        "macs_run_g": cached["macs_full_g"] * ref.num_calls,
         "macs_predicted_speedup": 1.0,
     }
     details = None
     if value(cfg.run.timing) != "off":
-        timed, details = measure.timing_record(p.loaded, cfg, p.settings, p.full_calls, p.num_calls)
+        timed, details = measure.timing_record(p.loaded, cfg, p.settings, p.full_calls, p.num_calls, ref)
         cached.update(timed)
         base.update(throughput=timed["throughput_baseline"], speedup=1.0, timing_method=timed["timing_method"],
                     timing_batch_size=timed["timing_batch_size"])
@@ -100,8 +109,8 @@ def _cost(p: Prepared, cfg: Any) -> tuple[dict[str, Any], dict[str, Any], dict[s
 def _with_cost(record: dict[str, Any], p: Prepared, cfg: Any) -> dict[str, Any]:
     cached, base, details = _cost(p, cfg)
     record["measurements"] = {**cached, **record.get("measurements", {})}
-    if p.settings.enabled:
-        record.setdefault("baseline", {"cache": p.baseline_cache()})
+    if not p.reference.is_run:
+        record.setdefault("baseline", p.baseline_record())
         record["baseline"]["measurements"] = {**base, **record["baseline"].get("measurements", {})}
     record["macs_convention"] = measure.MACS_CONVENTION
     if details is not None:
@@ -134,19 +143,20 @@ def _indices(cfg: Any) -> range:
 
 
 def _generate(p: Prepared, cfg: Any, indices: range, pipe: Any) -> dict[str, Any]:
-    """Generate the baseline and (when caching is on) the cached images into the store."""
-    root = Path(cfg.run.store_dir)
-    base_store = ImageStore(root, generate.store_key(p.loaded, cfg, p.baseline, list(range(p.num_calls)), pipe))
-    base = generate.generate(p.loaded, cfg, p.baseline, base_store, indices, pipe, desc="baseline")
+    """Generate the baseline (unless ``run.baseline_images`` is off) and, when the run is not
+    its own baseline, the run's images into the store."""
+    root, ref = Path(cfg.run.store_dir), p.reference
     record = {"num_samples": len(indices), "sample_indices": [indices.start, indices.stop]}
-    if not p.settings.enabled:
-        return {**record, "store": str(base_store.dir), "generation": base}
+    baseline = {}
+    if ref.is_run or cfg.run.baseline_images:
+        base_store = ImageStore(root, generate.store_key(p.loaded, ref.cfg, p.baseline, list(range(ref.num_calls)), pipe))
+        base = generate.generate(p.loaded, ref.cfg, p.baseline, base_store, indices, pipe, desc="baseline")
+        if ref.is_run:
+            return {**record, "store": str(base_store.dir), "generation": base}
+        baseline = {"store": str(base_store.dir), "generation": base}
     store = ImageStore(root, generate.store_key(p.loaded, cfg, p.settings, p.full_calls, pipe))
     cached = generate.generate(p.loaded, cfg, p.settings, store, indices, pipe, desc=f"N={p.settings.interval}")
-    return {
-        **record, "store": str(store.dir), "generation": cached,
-        "baseline": {"cache": p.baseline_cache(), "store": str(base_store.dir), "generation": base},
-    }
+    return {**record, "store": str(store.dir), "generation": cached, "baseline": {**p.baseline_record(), **baseline}}
 
 
 def run_generate(cfg: Any) -> dict[str, Any]:
@@ -165,7 +175,7 @@ def run_full(cfg: Any) -> dict[str, Any]:
     record = {**p.record(cfg, Mode.full.value), **_generate(p, cfg, indices, pipe)}
     prompts = pipe.prompts_for(indices)
     record["measurements"] = evaluate(ImageStore.existing(record["store"]).load(indices), prompts)
-    if "baseline" in record:
+    if "store" in record.get("baseline", {}):
         base = ImageStore.existing(record["baseline"]["store"]).load(indices)
         record["baseline"]["measurements"] = evaluate(base, prompts)
     return _with_cost(record, p, cfg)
@@ -179,12 +189,7 @@ def quality_evaluator(cfg: Any) -> Callable[[Any, Any], dict[str, Any]]:
             f"model {cfg.model.name} has no quality config (quality=adm_inception|adm_digits|clip); "
             "use run.mode=generate or run.mode=cost"
         )
-    device = cfg.metrics.device or cfg.run.device
-    try:
-        evaluator = instantiate(cfg.quality, device=device, progress=cfg.run.progress, _convert_="partial")
-    except InstantiationException as e:
-        cause = e.__cause__ if e.__cause__ is not None else e
-        raise HarnessError(f"quality ({cfg.quality._target_}): {_one_line(cause)}") from None
+    evaluator = _evaluator(cfg)
     if cfg.run.num_samples < evaluator.min_samples:
         raise HarnessError(
             f"run.num_samples={cfg.run.num_samples} is smaller than quality.is_split_size={evaluator.min_samples} "
@@ -198,6 +203,26 @@ def quality_evaluator(cfg: Any) -> Callable[[Any, Any], dict[str, Any]]:
             raise HarnessError(f"quality: {_one_line(e)}") from None
 
     return evaluate
+
+
+_LAST_EVALUATOR: dict[str, Any] = {}
+
+
+def _evaluator(cfg: Any) -> Any:
+    """Instantiate ``cfg.quality``; the jobs of a sweep in one process share it (loading
+    Inception or CLIP once), as long as its settings are the same."""
+    device = cfg.metrics.device or cfg.run.device
+    key = json.dumps([OmegaConf.to_container(cfg.quality, resolve=True), device, cfg.run.progress], default=str)
+    if key in _LAST_EVALUATOR:
+        return _LAST_EVALUATOR[key]
+    try:
+        evaluator = instantiate(cfg.quality, device=device, progress=cfg.run.progress, _convert_="partial")
+    except InstantiationException as e:
+        cause = e.__cause__ if e.__cause__ is not None else e
+        raise HarnessError(f"quality ({cfg.quality._target_}): {_one_line(cause)}") from None
+    _LAST_EVALUATOR.clear()  # one at a time: a sweep over models does not pile them up
+    _LAST_EVALUATOR[key] = evaluator
+    return evaluator
 
 
 def _one_line(e: BaseException) -> str:
@@ -262,6 +287,8 @@ def summary(record: dict[str, Any]) -> str:
 
     lines = []
     if "baseline" in record:
-        lines.append(format_row({**record["baseline"]["cache"], **record["baseline"].get("measurements", {})}))
-    lines.append(format_row({**record["cache"], **record.get("measurements", {})}))
+        base = record["baseline"]
+        lines.append(format_row({**base["cache"], "steps": base.get("steps"), **base.get("measurements", {})}))
+    steps = record["settings"]["sampler"]["steps"]
+    lines.append(format_row({**record["cache"], "steps": steps, **record.get("measurements", {})}))
     return "\n".join(lines)

@@ -26,14 +26,19 @@ from omegaconf import OmegaConf
 from bench.config import HarnessError
 
 
-def job_overrides(sweeper: Any, arguments: list[str]) -> list[list[str]]:
-    """The override list of every job: each grid's product, in order, duplicates removed."""
-    parser = OverridesParser.create(config_loader=sweeper.hydra_context.config_loader)
+def job_overrides(params: dict[str, str] | None, grids: list[dict[str, Any]] | None,
+                  arguments: list[str]) -> list[list[str]]:
+    """The override list of every job: each grid's cartesian product (with ``params`` and the
+    command line's ``arguments``, which win over a grid's value of the same key), in order,
+    duplicates removed."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    parser = OverridesParser.create()
     jobs: list[list[str]] = []
-    for grid in sweeper.grids or [{}]:
-        merged = {**(sweeper.params or {}), **{k: _sweep_string(v) for k, v in grid.items()}}
+    for grid in grids or [{}]:
+        merged = {**(params or {}), **{k: _sweep_string(v) for k, v in grid.items()}}
         overrides = parser.parse_overrides([f"{k}={v}" for k, v in merged.items()] + list(arguments))
-        for job in sweeper.split_arguments(overrides, None)[0]:
+        for job in BasicSweeper.split_arguments(overrides, None)[0]:
             if job not in jobs:
                 jobs.append(job)
     return jobs
@@ -59,7 +64,7 @@ def check_jobs(sweeper: Any, jobs: list[list[str]]) -> None:
 
 def run_sweep(sweeper: Any, arguments: list[str]) -> Any:
     """The sweep: jobs from the grids, all checked, launched batch by batch, then the table."""
-    jobs = job_overrides(sweeper, arguments)
+    jobs = job_overrides(sweeper.params, sweeper.grids, arguments)
     check_jobs(sweeper, jobs)
     sweeper.overrides = list(sweeper.split_overrides_to_chunks(jobs, sweeper.max_batch_size))
     sweep_dir = Path(sweeper.config.hydra.sweep.dir)
@@ -96,6 +101,10 @@ def finish(sweep_dir: Path) -> None:
     path = write_csv(df, sweep_dir / TABLE_NAME)
     print_summary(df)
     print(f"table: {path}")
+    from bench.tables import render
+
+    for out in render(sweep_dir):
+        print(f"paper table: {out}")
 
 
 def _sweep_string(v: Any) -> str:

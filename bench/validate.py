@@ -112,7 +112,7 @@ def cache_settings(cfg: Any) -> None:
     """Interval, branch and schedule against the model's architecture and the sampler's calls."""
     from bench import models, sampling
 
-    settings = models.cache_settings(cfg.cache, cfg.model)
+    settings = models.cache_settings(cfg.cache, cfg.model, cfg.run.prompts.name)
     num_skips = _num_skips(cfg.model.unet_class, cfg.model.arch)
     if not 1 <= settings.branch <= num_skips:
         raise HarnessError(

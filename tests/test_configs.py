@@ -43,3 +43,17 @@ def test_every_model_picks_a_quality_that_can_be_overridden(name):
     assert cfg.quality is not None and cfg.quality._target_
     other = compose_cfg(f"model={name}", "quality=clip")
     assert other.quality._target_ == "metrics.clip_score.ClipQuality"
+
+
+@pytest.mark.parametrize("prompts,n,expect", [
+    ("coco2017", 2, (20, 1.3)), ("partiprompts", 2, (15, 1.5)), ("coco2017", 8, (20, 1.3)),
+    ("partiprompts", 8, (10, 1.4)), (None, 2, (15, 1.4)),
+])
+def test_sd_nonuniform_parameters_follow_the_prompt_set(prompts, n, expect):
+    """Supp. Table 10 has one (c, p) row per prompt set; another set gets the authors' default."""
+    from bench import models
+
+    cfg = compose_cfg("model=sd15", "cache.schedule=nonuniform", f"cache.interval={n}",
+                      *([f"prompts={prompts}"] if prompts else []))
+    s = models.cache_settings(cfg.cache, cfg.model, cfg.run.prompts.name)
+    assert (s.center, s.power) == expect

@@ -1,0 +1,1 @@
+"""The paper's numbers as data (CSV, typed in by hand), installed as the package ``bench.paper``."""
