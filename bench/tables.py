@@ -282,7 +282,13 @@ def plot(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any], p
                     continue
                 color = colors[names.setdefault(tuple(_key(k) for k in key), len(names)) % len(colors)]
                 label = " ".join(_key(k) for k in key)
-                ax.plot(g[p["x"]], g[p["y"]], style, color=color, label=f"{label} ({source})".strip())
+                label = f"{label} ({source})" if label else source
+                ax.plot(g[p["x"]], g[p["y"]], style, color=color, label=label)
+                low, high = f"{p['y']}_low", f"{p['y']}_high"
+                if source == "ours" and low in g and high in g and g[low].notna().any():
+                    # the speed-up's bootstrap interval (bench.timing)
+                    ax.errorbar(g[p["x"]], g[p["y"]], yerr=[g[p["y"]] - g[low], g[high] - g[p["y"]]],
+                                fmt="none", ecolor=color, capsize=2, alpha=0.7)
         ax.set_xlabel(labels.get(p["x"], p["x"]))
         ax.set_ylabel(labels.get(p["y"], p["y"]))
         ax.set_title(p.get("title") or f"{labels.get(p['y'], p['y'])} vs {labels.get(p['x'], p['x'])}")
