@@ -51,7 +51,7 @@ def _task(cfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     try:
-        run(cfg, hc.runtime.output_dir)
+        path = run(cfg, hc.runtime.output_dir)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         if hc.mode == RunMode.MULTIRUN:
@@ -60,9 +60,16 @@ def _task(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from bench import distributed
+
     problem = writable_output(sys.argv[1:])
     if problem:
         print(problem, file=sys.stderr)
+        sys.exit(2)
+    try:  # under torchrun: one output directory for all ranks, no Hydra files from ranks > 0
+        sys.argv += distributed.prepare_launch(sys.argv[1:])
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     _task()
 

@@ -167,3 +167,13 @@ def register() -> None:
 
     if not OmegaConf.has_resolver("pkg"):
         OmegaConf.register_new_resolver("pkg", lambda rel: str(PACKAGE_DIR / rel))
+    if not OmegaConf.has_resolver("launch_time"):
+        # like Hydra's ${now:...}, but the same in every process of a torchrun launch
+        # (bench.distributed.launch_time); cached per config as ${now:} is
+        OmegaConf.register_new_resolver("launch_time", _launch_time, use_cache=True)
+
+
+def _launch_time(pattern: str) -> str:
+    from bench.distributed import launch_time
+
+    return launch_time().strftime(pattern)
