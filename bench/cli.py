@@ -45,6 +45,24 @@ def writable_output(argv: list[str]) -> str | None:
     return None
 
 
+# config choices that need an optional extra: (override, Hydra plugin module, extra)
+PLUGIN_CHOICES = [
+    ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "slurm"),
+    ("hydra/launcher=local", "hydra_plugins.hydra_submitit_launcher", "slurm"),
+]
+
+
+def missing_plugin(argv: list[str]) -> str | None:
+    """A launcher or sweeper chosen on the command line whose Hydra plugin is not installed."""
+    import importlib.util
+
+    for choice, module, extra in PLUGIN_CHOICES:
+        if choice in argv and importlib.util.find_spec(module) is None:
+            return (f"error: {choice} needs the {module.split('.')[-1].replace('_', '-')} plugin: "
+                    f"pip install -e \".[{extra}]\" (or pip install \"deepcache-bench[{extra}]\")")
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=_config_path(), config_name="config")
 def _task(cfg: DictConfig) -> None:
     from bench.runner import run
@@ -62,7 +80,7 @@ def _task(cfg: DictConfig) -> None:
 def main() -> None:
     from bench import distributed
 
-    problem = writable_output(sys.argv[1:])
+    problem = writable_output(sys.argv[1:]) or missing_plugin(sys.argv[1:])
     if problem:
         print(problem, file=sys.stderr)
         sys.exit(2)

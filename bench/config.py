@@ -104,6 +104,9 @@ class RunSettings:
     batch_size: int = 64
     shards: int = 1
     shard: Optional[int] = None  # generate only this shard (0-based); null: all of them
+    # the uncached baseline alongside the cached run; false: the cached run alone (the
+    # baseline is then a job of its own, cache.interval=1, e.g. in an array of SLURM jobs)
+    baseline: bool = True
     device: str = "cpu"
     dtype: DType = DType.float32
     threads: Optional[int] = None

@@ -104,7 +104,7 @@ def _cost(p: Prepared, cfg: Any) -> tuple[dict[str, Any], dict[str, Any], dict[s
 def _with_cost(record: dict[str, Any], p: Prepared, cfg: Any) -> dict[str, Any]:
     cached, base, details = _cost(p, cfg)
     record["measurements"] = {**cached, **record.get("measurements", {})}
-    if p.settings.enabled:
+    if p.settings.enabled and cfg.run.baseline:
         record.setdefault("baseline", {"cache": p.baseline_cache()})
         record["baseline"]["measurements"] = {**base, **record["baseline"].get("measurements", {})}
     record["macs_convention"] = measure.MACS_CONVENTION
@@ -150,9 +150,10 @@ def _generate(p: Prepared, cfg: Any, indices: range, pipe: Any) -> dict[str, Any
     ctx = distributed.current()
     mine = ctx.part(indices)
     root = Path(cfg.run.store_dir)
-    base_store = ImageStore(root, generate.store_key(p.loaded, cfg, p.baseline, list(range(p.num_calls)), pipe))
-    base = generate.generate(p.loaded, cfg, p.baseline, base_store, mine, pipe, desc="baseline")
-    cached = store = None
+    base = base_store = cached = store = None
+    if cfg.run.baseline or not p.settings.enabled:
+        base_store = ImageStore(root, generate.store_key(p.loaded, cfg, p.baseline, list(range(p.num_calls)), pipe))
+        base = generate.generate(p.loaded, cfg, p.baseline, base_store, mine, pipe, desc="baseline")
     if p.settings.enabled:
         store = ImageStore(root, generate.store_key(p.loaded, cfg, p.settings, p.full_calls, pipe))
         cached = generate.generate(p.loaded, cfg, p.settings, store, mine, pipe, desc=f"N={p.settings.interval}")
@@ -163,6 +164,8 @@ def _generate(p: Prepared, cfg: Any, indices: range, pipe: Any) -> dict[str, Any
         record["distributed"] = ctx.record([range(*x["part"]) for x in parts])
     if store is None:
         return {**record, "store": str(base_store.dir), "generation": base}
+    if base_store is None:
+        return {**record, "store": str(store.dir), "generation": cached}
     return {
         **record, "store": str(store.dir), "generation": cached,
         "baseline": {"cache": p.baseline_cache(), "store": str(base_store.dir), "generation": base},

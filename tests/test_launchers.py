@@ -1,0 +1,189 @@
+"""Sweeps through Hydra's submitit launcher (the SLURM path), run here by submitit's local
+executor: shards as parallel jobs give the images of one process, a second sweep measures
+over the merged store without regenerating, a failed job is a failed row, and a job that
+ends without a result (killed) is a failed row that a rerun completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bench.runner import run
+from bench.store import ImageStore
+from harness import ROOT, compose_cfg, run_py
+
+pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra (hydra-submitit-launcher)")
+
+# one thread per job: two jobs at once on two cores
+SMALL = ["sampler.steps=10", "run.num_samples=8", "run.batch_size=3", "run.timing=off", "run.progress=false",
+         "run.threads=1"]
+
+
+def _records(sweep: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/run.json")}
+
+
+def test_hydra_finds_the_submitit_launcher_beside_the_harness_sweeper():
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.launcher import Launcher
+    from hydra.plugins.sweeper import Sweeper
+
+    from bench.config import register
+
+    register()
+    launchers = {f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Launcher)}
+    sweepers = {f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Sweeper)}
+    assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in launchers
+    assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher" in launchers
+    assert "hydra_plugins.deepcache_bench.table_sweeper.TableSweeper" in sweepers
+
+
+@pytest.mark.parametrize("name,target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
+def test_the_launcher_configs_extend_the_plugin(name, target):
+    from hydra import compose, initialize_config_dir
+
+    from bench.config import register
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={name}"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == f"hydra_plugins.hydra_submitit_launcher.submitit_launcher.{target}"
+    assert launcher.gpus_per_node == (1 if name == "slurm" else 0)  # never left to submitit's default
+    assert launcher.timeout_min >= 60 and launcher.submitit_folder.endswith(".submitit/%j")
+    if name == "slurm":
+        assert launcher.array_parallelism == 64 and "partition" in launcher and "signal_delay_s" in launcher
+
+
+def test_a_missing_plugin_is_one_line_naming_the_extra(monkeypatch):
+    import importlib.util
+
+    from bench import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("hydra_plugins.hydra_") else real(name, *a))
+    assert cli.missing_plugin(["-m", "hydra/launcher=slurm"]) == (
+        'error: hydra/launcher=slurm needs the hydra-submitit-launcher plugin: pip install -e ".[slurm]" '
+        '(or pip install "deepcache-bench[slurm]")')
+    assert cli.missing_plugin(["-m", "cache.interval=2,3"]) is None
+
+
+def test_shards_as_parallel_jobs_then_metrics_over_the_merged_store(tmp_path):
+    """Phase 1: two shards as two submitit jobs: the images of one process. Phase 2: the full
+    mode over the same settings reuses every image; of its two jobs, the one that fails (an
+    IS split larger than the run) is a failed row and the command exits 1."""
+    store = f"run.store_dir={tmp_path}/store"
+    r = run_py("-m", "hydra/launcher=local", "run.mode=generate", "run.shards=2", "run.shard=0,1", *SMALL, store,
+               f"hydra.sweep.dir={tmp_path}/gen")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list((tmp_path / "gen" / ".submitit").glob("*/*_result.pkl"))  # the jobs ran through submitit
+    gen = _records(tmp_path / "gen")
+    assert sorted(gen) == ["0", "1"] and {g["status"] for g in gen.values()} == {"ok"}
+    assert [gen[j]["sample_indices"] for j in ("0", "1")] == [[0, 4], [4, 8]]
+    assert pd.read_csv(tmp_path / "gen" / "table.csv")["status"].eq("ok").all()
+
+    threads = torch.get_num_threads()
+    try:
+        one = json.loads(run(compose_cfg("run.mode=generate", *SMALL, f"run.store_dir={tmp_path}/one"),
+                             tmp_path / "one").read_text())
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("store", "baseline"):
+        mine = one[key] if key == "store" else one[key]["store"]
+        theirs = gen["0"][key] if key == "store" else gen["0"][key]["store"]
+        assert Path(mine).name == Path(theirs).name
+        assert np.array_equal(ImageStore.existing(mine).load(range(8)), ImageStore.existing(theirs).load(range(8)))
+
+    r = run_py("-m", "hydra/launcher=local", "run.mode=full", "quality.is_split_size=4,40", *SMALL, store,
+               f"metrics.cache_dir={tmp_path}/metrics", f"hydra.sweep.dir={tmp_path}/full")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "error: 1 of 2 jobs failed" in r.stderr and "Traceback" not in r.stderr
+    full = _records(tmp_path / "full")
+    assert full["0"]["status"] == "ok" and full["1"]["status"] == "failed"
+    assert "quality.is_split_size=40" in full["1"]["error"]
+    for g in (full["0"]["generation"], full["0"]["baseline"]["generation"]):
+        assert g["generated"] == 0 and g["reused"] == 8  # the merged store had every image
+    table = pd.read_csv(tmp_path / "full" / "table.csv")
+    assert list(table["status"]) == ["ok", "ok", "failed"]  # baseline, job 0, job 1
+    assert np.isfinite(table.loc[1, "fid"])
+
+
+def _job_processes(folder: str) -> list[int]:
+    """Process ids of submitit tasks started for ``folder`` (Linux /proc)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in args and any(folder.encode() in a for a in args):
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the job's process in /proc")
+def test_a_killed_job_is_a_failed_row_and_a_rerun_completes_it(tmp_path):
+    """A job killed mid-run (as SLURM kills one at its time limit) leaves no result: the
+    launcher raises, the sweep still writes the table with the job's row failed, and exits 1.
+    Rerunning the same sweep generates only the samples the killed job had not stored."""
+    args = ["-m", "hydra/launcher=local", "run.mode=generate", "sampler.steps=50", "run.num_samples=24",
+            "run.batch_size=2", "cache.interval=1", "run.threads=1", "run.progress=false",
+            f"run.store_dir={tmp_path}/store", f"hydra.sweep.dir={tmp_path}/sweep"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    killed = False
+    while time.time() < deadline and proc.poll() is None:
+        if list((tmp_path / "store").glob("*/samples_*.npz")):
+            for pid in _job_processes(str(tmp_path / "sweep")):
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+            break
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=120)
+    assert killed, "the job was not interrupted midway"
+    assert proc.returncode == 1, err[-3000:]
+    assert "error: job #0" in err and "no result (UncompletedJobError" in err and "Traceback" not in err
+    rec = json.loads((tmp_path / "sweep" / "0" / "run.json").read_text())
+    assert rec["status"] == "failed" and "no result when the launcher stopped waiting" in rec["error"]
+    assert pd.read_csv(tmp_path / "sweep" / "table.csv")["status"].tolist() == ["failed"]
+    done = sum(int(p.name[16:23]) - int(p.name[8:15]) for p in (tmp_path / "store").glob("*/samples_*.npz"))
+    assert 0 < done < 24
+
+    r = run_py(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((tmp_path / "sweep" / "0" / "run.json").read_text())
+    assert rec["status"] == "ok"
+    assert rec["generation"]["reused"] == done and rec["generation"]["generated"] == 24 - done
+    assert pd.read_csv(tmp_path / "sweep" / "table.csv")["status"].tolist() == ["ok"]
+
+
+def test_without_the_baseline_a_job_generates_only_its_own_setting(tmp_path):
+    """run.baseline=false: an array of cached jobs does not regenerate the shared baseline in
+    every job; the baseline is the job with cache.interval=1, into the same store."""
+    common = ["run.mode=generate", *SMALL, "run.num_samples=4", f"run.store_dir={tmp_path}/store",
+              "run.baseline=false"]
+    threads = torch.get_num_threads()
+    try:
+        cached = json.loads(run(compose_cfg(*common, "cache.interval=5"), tmp_path / "n5").read_text())
+        assert len(list((tmp_path / "store").iterdir())) == 1  # the cached images only
+        base = json.loads(run(compose_cfg(*common, "cache.interval=1"), tmp_path / "n1").read_text())
+        both = json.loads(run(compose_cfg(*common[:-1], "cache.interval=5"), tmp_path / "both").read_text())
+    finally:
+        torch.set_num_threads(threads)
+    assert "baseline" not in cached and cached["generation"]["generated"] == 4
+    assert len(list((tmp_path / "store").iterdir())) == 2
+    assert base["store"] == both["baseline"]["store"] and cached["store"] == both["store"]
+    assert both["generation"]["reused"] == 4 and both["baseline"]["generation"]["reused"] == 4
