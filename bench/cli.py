@@ -49,6 +49,7 @@ def writable_output(argv: list[str]) -> str | None:
 PLUGIN_CHOICES = [
     ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "slurm"),
     ("hydra/launcher=local", "hydra_plugins.hydra_submitit_launcher", "slurm"),
+    ("hydra/sweeper=search", "hydra_plugins.hydra_optuna_sweeper", "search"),
 ]
 
 
@@ -64,12 +65,15 @@ def missing_plugin(argv: list[str]) -> str | None:
 
 
 @hydra.main(version_base="1.3", config_path=_config_path(), config_name="config")
-def _task(cfg: DictConfig) -> None:
+def _task(cfg: DictConfig) -> float | None:
+    from bench import search
     from bench.runner import run
 
     hc = HydraConfig.get()
     try:
-        path = run(cfg, hc.runtime.output_dir)
+        if hc.mode == RunMode.MULTIRUN and search.in_use(hc.sweeper):
+            return search.objective(cfg, hc.runtime.output_dir, hc.sweeper)  # a trial of hydra/sweeper=search
+        run(cfg, hc.runtime.output_dir)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         if hc.mode == RunMode.MULTIRUN:

@@ -164,9 +164,11 @@ def register() -> None:
     cs.store(group="schemas", name="metrics", node=MetricsConfig)
     from hydra.core.plugins import Plugins
 
+    from hydra_plugins.deepcache_bench.search_sweeper import SearchSweeper  # hydra/sweeper=search
     from hydra_plugins.deepcache_bench.table_sweeper import TableSweeper  # also stores hydra/sweeper=table
 
     Plugins.instance().register(TableSweeper)  # whether or not Hydra's plugin scan finds it
+    Plugins.instance().register(SearchSweeper)
 
     if not OmegaConf.has_resolver("pkg"):
         OmegaConf.register_new_resolver("pkg", lambda rel: str(PACKAGE_DIR / rel))

@@ -5,6 +5,7 @@ ends without a result (killed) is a failed row that a rerun completes."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -46,6 +47,9 @@ def test_hydra_finds_the_submitit_launcher_beside_the_harness_sweeper():
     assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in launchers
     assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher" in launchers
     assert "hydra_plugins.deepcache_bench.table_sweeper.TableSweeper" in sweepers
+    assert "hydra_plugins.deepcache_bench.search_sweeper.SearchSweeper" in sweepers
+    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None:
+        assert "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper" in sweepers
 
 
 @pytest.mark.parametrize("name,target", [("slurm", "SlurmLauncher"), ("local", "LocalLauncher")])
@@ -76,6 +80,7 @@ def test_a_missing_plugin_is_one_line_naming_the_extra(monkeypatch):
     assert cli.missing_plugin(["-m", "hydra/launcher=slurm"]) == (
         'error: hydra/launcher=slurm needs the hydra-submitit-launcher plugin: pip install -e ".[slurm]" '
         '(or pip install "deepcache-bench[slurm]")')
+    assert "pip install -e \".[search]\"" in cli.missing_plugin(["-m", "hydra/sweeper=search"])
     assert cli.missing_plugin(["-m", "cache.interval=2,3"]) is None
 
 
