@@ -123,9 +123,9 @@ def record_lost_jobs(sweeper: Any, batch: list[list[str]], start: int, error: Ba
         job_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
         record = {
             "record_version": RECORD_VERSION, "status": "failed", "mode": str(cfg.run.mode),
-            "error": (f"no result when the launcher stopped waiting ({_launcher_error(error)}): "
-                      "a job killed at its time or memory limit leaves none (a rerun generates only the "
-                      "missing samples); a job still running replaces this record when it ends"),
+            "error": (f"no result from the launcher ({_launcher_error(error)}): a job that was killed (time "
+                      "or memory limit) or never started leaves none, and a rerun generates only the missing "
+                      "samples; a job still running replaces this record when it ends"),
             "settings": settings_record(_without_hydra(cfg)),
         }
         if _write_new(job_dir / RECORD_NAME, json.dumps(record, indent=2, default=str) + "\n"):

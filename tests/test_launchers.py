@@ -69,6 +69,37 @@ def test_the_launcher_configs_extend_the_plugin(name, target):
         assert launcher.array_parallelism == 64 and "partition" in launcher and "signal_delay_s" in launcher
 
 
+def test_the_slurm_launcher_submits_one_array_of_one_gpu_jobs(tmp_path):
+    """hydra/launcher=slurm as far as sbatch, with stand-ins for sbatch and srun that record the
+    batch script: one array over the sweep's points, one GPU and the time limit per job."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/sh\ncp "$1" "$SBATCH_SCRIPT"\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    script = tmp_path / "script.sh"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "SBATCH_SCRIPT": str(script)}
+    proc = subprocess.Popen(
+        [sys.executable, "run.py", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "run.mode=generate",
+         "run.shards=3", "run.shard=range(3)", f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not script.exists():
+            time.sleep(0.2)
+    finally:  # the sweep would now wait for jobs that never run
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert script.exists(), proc.stderr.read()[-3000:]
+    lines = set(script.read_text().splitlines())
+    for expect in ("#SBATCH --array=0-2%3", "#SBATCH --gpus-per-node=1", "#SBATCH --time=240", "#SBATCH --partition=gpu",
+                   "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB", "#SBATCH --job-name=deepcache-bench",
+                   "#SBATCH --signal=USR2@120"):
+        assert expect in lines, expect
+
+
 def test_a_missing_plugin_is_one_line_naming_the_extra(monkeypatch):
     import importlib.util
 
@@ -84,13 +115,19 @@ def test_a_missing_plugin_is_one_line_naming_the_extra(monkeypatch):
     assert cli.missing_plugin(["-m", "cache.interval=2,3"]) is None
 
 
-def test_shards_as_parallel_jobs_then_metrics_over_the_merged_store(tmp_path):
-    """Phase 1: two shards as two submitit jobs: the images of one process. Phase 2: the full
-    mode over the same settings reuses every image; of its two jobs, the one that fails (an
-    IS split larger than the run) is a failed row and the command exits 1."""
-    store = f"run.store_dir={tmp_path}/store"
-    r = run_py("-m", "hydra/launcher=local", "run.mode=generate", "run.shards=2", "run.shard=0,1", *SMALL, store,
-               f"hydra.sweep.dir={tmp_path}/gen")
+def _one_process(tmp_path: Path, *overrides: str) -> dict:
+    """The run in this process (its thread count restored after)."""
+    threads = torch.get_num_threads()
+    try:
+        return json.loads(run(compose_cfg(*SMALL, *overrides), tmp_path / "one").read_text())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_shards_as_parallel_jobs_store_the_images_of_one_process(tmp_path):
+    """Two shards as two submitit jobs, as SLURM array jobs would run them."""
+    r = run_py("-m", "hydra/launcher=local", "run.mode=generate", "run.shards=2", "run.shard=0,1", *SMALL,
+               f"run.store_dir={tmp_path}/store", f"hydra.sweep.dir={tmp_path}/gen")
     assert r.returncode == 0, r.stderr[-3000:]
     assert list((tmp_path / "gen" / ".submitit").glob("*/*_result.pkl"))  # the jobs ran through submitit
     gen = _records(tmp_path / "gen")
@@ -98,27 +135,28 @@ def test_shards_as_parallel_jobs_then_metrics_over_the_merged_store(tmp_path):
     assert [gen[j]["sample_indices"] for j in ("0", "1")] == [[0, 4], [4, 8]]
     assert pd.read_csv(tmp_path / "gen" / "table.csv")["status"].eq("ok").all()
 
-    threads = torch.get_num_threads()
-    try:
-        one = json.loads(run(compose_cfg("run.mode=generate", *SMALL, f"run.store_dir={tmp_path}/one"),
-                             tmp_path / "one").read_text())
-    finally:
-        torch.set_num_threads(threads)
-    for key in ("store", "baseline"):
-        mine = one[key] if key == "store" else one[key]["store"]
-        theirs = gen["0"][key] if key == "store" else gen["0"][key]["store"]
+    one = _one_process(tmp_path, "run.mode=generate", f"run.store_dir={tmp_path}/one_store")
+    for mine, theirs in ((one["store"], gen["0"]["store"]), (one["baseline"]["store"], gen["0"]["baseline"]["store"])):
         assert Path(mine).name == Path(theirs).name
         assert np.array_equal(ImageStore.existing(mine).load(range(8)), ImageStore.existing(theirs).load(range(8)))
 
+
+def test_metrics_over_a_merged_store_regenerate_nothing_and_a_failed_job_is_a_failed_row(tmp_path):
+    """The full mode over a store that holds every image (as the shard jobs leave it): of its
+    two submitit jobs, one measures without generating; the other fails (an IS split larger
+    than the run), comes back FAILED, is a failed row, and the command exits 1."""
+    store = f"run.store_dir={tmp_path}/store"
+    _one_process(tmp_path, "run.mode=generate", store)
     r = run_py("-m", "hydra/launcher=local", "run.mode=full", "quality.is_split_size=4,40", *SMALL, store,
                f"metrics.cache_dir={tmp_path}/metrics", f"hydra.sweep.dir={tmp_path}/full")
     assert r.returncode == 1, r.stderr[-3000:]
     assert "error: 1 of 2 jobs failed" in r.stderr and "Traceback" not in r.stderr
+    assert list((tmp_path / "full" / ".submitit").glob("*/*_result.pkl"))
     full = _records(tmp_path / "full")
     assert full["0"]["status"] == "ok" and full["1"]["status"] == "failed"
     assert "quality.is_split_size=40" in full["1"]["error"]
     for g in (full["0"]["generation"], full["0"]["baseline"]["generation"]):
-        assert g["generated"] == 0 and g["reused"] == 8  # the merged store had every image
+        assert g["generated"] == 0 and g["reused"] == 8  # the store had every image
     table = pd.read_csv(tmp_path / "full" / "table.csv")
     assert list(table["status"]) == ["ok", "ok", "failed"]  # baseline, job 0, job 1
     assert np.isfinite(table.loc[1, "fid"])
@@ -162,7 +200,7 @@ def test_a_killed_job_is_a_failed_row_and_a_rerun_completes_it(tmp_path):
     assert proc.returncode == 1, err[-3000:]
     assert "error: job #0" in err and "no result (UncompletedJobError" in err and "Traceback" not in err
     rec = json.loads((tmp_path / "sweep" / "0" / "run.json").read_text())
-    assert rec["status"] == "failed" and "no result when the launcher stopped waiting" in rec["error"]
+    assert rec["status"] == "failed" and rec["error"].startswith("no result from the launcher (UncompletedJobError")
     assert pd.read_csv(tmp_path / "sweep" / "table.csv")["status"].tolist() == ["failed"]
     done = sum(int(p.name[16:23]) - int(p.name[8:15]) for p in (tmp_path / "store").glob("*/samples_*.npz"))
     assert 0 < done < 24
