@@ -105,7 +105,7 @@ class RunSettings:
     shards: int = 1
     shard: Optional[int] = None  # generate only this shard (0-based); null: all of them
     # the uncached baseline alongside the cached run; false: the cached run alone (the
-    # baseline is then a job of its own, cache.interval=1, e.g. in an array of SLURM jobs)
+    # baseline is then a job of its own, cache.schedule=none, e.g. in an array of SLURM jobs)
     baseline: bool = True
     device: str = "cpu"
     dtype: DType = DType.float32
