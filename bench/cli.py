@@ -45,12 +45,34 @@ def writable_output(argv: list[str]) -> str | None:
     return None
 
 
+# config choices that need an optional extra: (override, Hydra plugin module, extra)
+PLUGIN_CHOICES = [
+    ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "slurm"),
+    ("hydra/launcher=local", "hydra_plugins.hydra_submitit_launcher", "slurm"),
+    ("hydra/sweeper=search", "hydra_plugins.hydra_optuna_sweeper", "search"),
+]
+
+
+def missing_plugin(argv: list[str]) -> str | None:
+    """A launcher or sweeper chosen on the command line whose Hydra plugin is not installed."""
+    import importlib.util
+
+    for choice, module, extra in PLUGIN_CHOICES:
+        if choice in argv and importlib.util.find_spec(module) is None:
+            return (f"error: {choice} needs the {module.split('.')[-1].replace('_', '-')} plugin: "
+                    f"pip install -e \".[{extra}]\" (or pip install \"deepcache-bench[{extra}]\")")
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=_config_path(), config_name="config")
-def _task(cfg: DictConfig) -> None:
+def _task(cfg: DictConfig) -> float | None:
+    from bench import search
     from bench.runner import run
 
     hc = HydraConfig.get()
     try:
+        if hc.mode == RunMode.MULTIRUN and search.in_use(hc.sweeper):
+            return search.objective(cfg, hc.runtime.output_dir, hc.sweeper)  # a trial of hydra/sweeper=search
         run(cfg, hc.runtime.output_dir)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -60,9 +82,16 @@ def _task(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    problem = writable_output(sys.argv[1:])
+    from bench import distributed
+
+    problem = writable_output(sys.argv[1:]) or missing_plugin(sys.argv[1:])
     if problem:
         print(problem, file=sys.stderr)
+        sys.exit(2)
+    try:  # under torchrun: one output directory for all ranks, no Hydra files from ranks > 0
+        sys.argv += distributed.prepare_launch(sys.argv[1:])
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     _task()
 

@@ -108,7 +108,9 @@ class RunSettings:
     # the uncached reference a run's speed-up and baseline row are measured against: the same
     # sampler at this many steps (null: the run's own steps), e.g. 50 for "speed vs PLMS-50"
     baseline_steps: Optional[int] = None
-    # generate and score the baseline's images too (off for searches: its speed is still timed)
+    # generate and score the baseline's images too; false: the run's own images only (searches;
+    # arrays of SLURM jobs, where the baseline is a job of its own, cache.interval=1). Its MACs
+    # and speed are still measured.
     baseline_images: bool = True
     shards: int = 1
     shard: Optional[int] = None  # generate only this shard (0-based); null: all of them
@@ -224,9 +226,21 @@ def register() -> None:
     cs.store(group="schemas", name="metrics", node=MetricsConfig)
     from hydra.core.plugins import Plugins
 
+    from hydra_plugins.deepcache_bench.search_sweeper import SearchSweeper  # hydra/sweeper=search
     from hydra_plugins.deepcache_bench.table_sweeper import TableSweeper  # also stores hydra/sweeper=table
 
     Plugins.instance().register(TableSweeper)  # whether or not Hydra's plugin scan finds it
+    Plugins.instance().register(SearchSweeper)
 
     if not OmegaConf.has_resolver("pkg"):
         OmegaConf.register_new_resolver("pkg", lambda rel: str(PACKAGE_DIR / rel))
+    if not OmegaConf.has_resolver("launch_time"):
+        # like Hydra's ${now:...}, but the same in every process of a torchrun launch
+        # (bench.distributed.launch_time); cached per config as ${now:} is
+        OmegaConf.register_new_resolver("launch_time", _launch_time, use_cache=True)
+
+
+def _launch_time(pattern: str) -> str:
+    from bench.distributed import launch_time
+
+    return launch_time().strftime(pattern)

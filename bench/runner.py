@@ -10,6 +10,10 @@ settings, full calls, weights fingerprint, image store), ``measurements`` of the
 cached run and of its uncached ``baseline`` (the table's cells), timing details and
 the environment. A run that fails writes a record too, with ``status: failed`` and
 the error, so a sweep's table shows the failed row and nothing half-done is trusted.
+
+Under ``torchrun`` (:mod:`bench.distributed`) the same functions run on every rank:
+each generates its part of the samples, the ranks sync, and rank 0 alone measures
+and writes the record.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from bench import generate, measure, models, sampling, validate
+from bench import distributed, generate, measure, models, sampling, validate
 from bench.config import HarnessError
 from bench.engine import CacheError, CacheSettings, DeepCache
 from bench.options import Mode, value
@@ -118,8 +122,13 @@ def _with_cost(record: dict[str, Any], p: Prepared, cfg: Any) -> dict[str, Any]:
     return record
 
 
-def run_cost(cfg: Any) -> dict[str, Any]:
-    """Schedule, MACs and throughput of the cached sampling loop; no weights needed."""
+def run_cost(cfg: Any) -> dict[str, Any] | None:
+    """Schedule, MACs and throughput of the cached sampling loop; no weights needed.
+    Rank 0 only: the other ranks sync and return None."""
+    ctx = distributed.current()
+    ctx.sync(None)
+    if not ctx.is_main:
+        return None
     p = Prepared(cfg)
     return _with_cost(p.record(cfg, Mode.cost.value), p, cfg)
 
@@ -144,35 +153,67 @@ def _indices(cfg: Any) -> range:
 
 def _generate(p: Prepared, cfg: Any, indices: range, pipe: Any) -> dict[str, Any]:
     """Generate the baseline (unless ``run.baseline_images`` is off) and, when the run is not
-    its own baseline, the run's images into the store."""
+    its own baseline, the run's images into the store.
+
+    With several processes each generates its part of ``indices``, then all sync
+    (:mod:`bench.distributed`); the record covers ``indices``."""
+    ctx = distributed.current()
+    mine = ctx.part(indices)
     root, ref = Path(cfg.run.store_dir), p.reference
-    record = {"num_samples": len(indices), "sample_indices": [indices.start, indices.stop]}
-    baseline = {}
+    base = base_store = cached = store = None
     if ref.is_run or cfg.run.baseline_images:
         base_store = ImageStore(root, generate.store_key(p.loaded, ref.cfg, p.baseline, list(range(ref.num_calls)), pipe))
-        base = generate.generate(p.loaded, ref.cfg, p.baseline, base_store, indices, pipe, desc="baseline")
-        if ref.is_run:
-            return {**record, "store": str(base_store.dir), "generation": base}
-        baseline = {"store": str(base_store.dir), "generation": base}
-    store = ImageStore(root, generate.store_key(p.loaded, cfg, p.settings, p.full_calls, pipe))
-    cached = generate.generate(p.loaded, cfg, p.settings, store, indices, pipe, desc=f"N={p.settings.interval}")
+        base = generate.generate(p.loaded, ref.cfg, p.baseline, base_store, mine, pipe, desc="baseline")
+    if not ref.is_run:
+        store = ImageStore(root, generate.store_key(p.loaded, cfg, p.settings, p.full_calls, pipe))
+        cached = generate.generate(p.loaded, cfg, p.settings, store, mine, pipe, desc=f"N={p.settings.interval}")
+    parts = ctx.sync({"part": [mine.start, mine.stop], "baseline": base, "cached": cached})
+    record: dict[str, Any] = {"num_samples": len(indices), "sample_indices": [indices.start, indices.stop]}
+    if ctx.distributed:
+        base, cached = _merged([x["baseline"] for x in parts]), _merged([x["cached"] for x in parts])
+        record["distributed"] = ctx.record([range(*x["part"]) for x in parts])
+    if ref.is_run:
+        return {**record, "store": str(base_store.dir), "generation": base}
+    baseline = {} if base_store is None else {"store": str(base_store.dir), "generation": base}
     return {**record, "store": str(store.dir), "generation": cached, "baseline": {**p.baseline_record(), **baseline}}
 
 
-def run_generate(cfg: Any) -> dict[str, Any]:
-    """Images only (baseline and cached), into the store; no metrics, no timing."""
+def _merged(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The generation record of a run from those of its ranks' parts."""
+    if parts[0] is None:
+        return None
+    times = [x["generation_time_s"] for x in parts if x["generation_time_s"] is not None]
+    return {
+        "generated": sum(x["generated"] for x in parts),
+        "reused": sum(x["reused"] for x in parts),
+        "generation_time_s": max(times) if times else None,  # the ranks ran at the same time
+        "executed_full_calls": next((x["executed_full_calls"] for x in parts if x["executed_full_calls"]), None),
+        "by_rank": parts,
+    }
+
+
+def run_generate(cfg: Any) -> dict[str, Any] | None:
+    """Images only (baseline and cached), into the store; no metrics, no timing.
+    None on ranks > 0, after the sync."""
     p = Prepared(cfg)
     pipe = make_pipeline(cfg)
-    return {**p.record(cfg, Mode.generate.value), **_generate(p, cfg, _indices(cfg), pipe)}
+    generated = _generate(p, cfg, _indices(cfg), pipe)
+    if not distributed.current().is_main:
+        return None
+    return {**p.record(cfg, Mode.generate.value), **generated}
 
 
-def run_full(cfg: Any) -> dict[str, Any]:
-    """Generate (baseline + cached), quality metrics for both, cost; one record."""
+def run_full(cfg: Any) -> dict[str, Any] | None:
+    """Generate (baseline + cached), quality metrics for both, cost; one record.
+    Ranks > 0 only generate their part and return None after the sync."""
     p = Prepared(cfg)
     indices = _indices(cfg)
     evaluate = quality_evaluator(cfg)  # fails before any image is generated
     pipe = make_pipeline(cfg)
-    record = {**p.record(cfg, Mode.full.value), **_generate(p, cfg, indices, pipe)}
+    generated = _generate(p, cfg, indices, pipe)
+    if not distributed.current().is_main:
+        return None
+    record = {**p.record(cfg, Mode.full.value), **generated}
     prompts = pipe.prompts_for(indices)
     record["measurements"] = evaluate(ImageStore.existing(record["store"]).load(indices), prompts)
     if "store" in record.get("baseline", {}):
@@ -230,27 +271,35 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
-MODES: dict[str, Callable[[Any], dict[str, Any]]] = {
+MODES: dict[str, Callable[[Any], dict[str, Any] | None]] = {
     Mode.full.value: run_full,
     Mode.generate.value: run_generate,
     Mode.cost.value: run_cost,
 }
 
 
-def run(cfg: Any, out_dir: str | Path) -> Path:
-    """Execute one run described by ``cfg``; returns the path of its ``run.json``.
+def run(cfg: Any, out_dir: str | Path) -> Path | None:
+    """Execute one run described by ``cfg``; returns the path of its ``run.json``
+    (None on a rank > 0 of a multi-process run, which writes no record).
 
     On failure the record is written with ``status: failed`` and the exception is
     raised again.
     """
     t0 = time.perf_counter()
+    ctx = distributed.current()
     try:
         validate.check(cfg)
+        ctx = distributed.setup(cfg)
         _setup(cfg)
-        record = {"status": "ok", **MODES[value(cfg.run.mode)](cfg)}
+        result = MODES[value(cfg.run.mode)](cfg)
     except BaseException as e:
-        _write_failure(cfg, out_dir, e, time.perf_counter() - t0)
+        ctx.fail(e)  # a rank that fails before the sync still joins it: the others fail too
+        if ctx.is_main:
+            _write_failure(cfg, out_dir, e, time.perf_counter() - t0)
         raise
+    if result is None:
+        return None
+    record = {"status": "ok", **result}
     record["wall_time_s"] = time.perf_counter() - t0
     record["environment"] = environment(cfg.run.device)
     try:

@@ -11,19 +11,34 @@ plus three things a table needs.
   ``table.csv`` is written from the run records (and any paper table the experiment
   describes is rendered). This does not depend on Hydra's end-of-multirun callback,
   which Hydra skips when a job fails. Failed jobs are listed and the command exits 1.
+
+Any Hydra launcher runs the jobs: the basic one (in this process) or the submitit
+launcher (``hydra/launcher=slurm|local``, ``conf/hydra/launcher/``). A job that
+raises comes back as a ``JobReturn`` with status ``FAILED`` from either, and its
+record says why. A job that ends without a result -- killed by SLURM at its time or
+memory limit, a lost node -- makes the submitit launcher raise instead
+(``submitit.core.utils.UncompletedJobError``): then every job of the batch that left
+no record gets a failure record written for it, so its row is marked failed too.
+Under ``torchrun`` only rank 0 writes ``multirun.yaml`` and the table.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobStatus
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict, read_write
 
 from bench.config import HarnessError
+from bench.distributed import is_main_process
+from bench.records import RECORD_NAME, RECORD_VERSION
 
 
 def job_overrides(params: dict[str, str] | None, grids: list[dict[str, Any]] | None,
@@ -69,17 +84,27 @@ def run_sweep(sweeper: Any, arguments: list[str]) -> Any:
     sweeper.overrides = list(sweeper.split_overrides_to_chunks(jobs, sweeper.max_batch_size))
     sweep_dir = Path(sweeper.config.hydra.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(sweeper.config, sweep_dir / "multirun.yaml")
+    main = is_main_process()
+    if main:
+        OmegaConf.save(sweeper.config, sweep_dir / "multirun.yaml")
 
     returns, failed, start = [], [], 0
     while not sweeper.is_done():
         batch = sweeper.get_job_batch()
-        results = sweeper.launcher.launch(batch, initial_job_idx=start)
+        try:
+            results = sweeper.launcher.launch(batch, initial_job_idx=start)
+        except Exception as e:  # a job ended without a result (submitit: killed, lost)
+            for i in record_lost_jobs(sweeper, batch, start, e):
+                failed.append(f"job #{i} ({' '.join(batch[i - start])}): no result ({_launcher_error(e)})")
+            start += len(batch)
+            continue
         for i, r in enumerate(results):
             if r.status == JobStatus.FAILED:
                 failed.append(f"job #{start + i} ({' '.join(batch[i])}): {_first_line(r._return_value)}")
         start += len(batch)
         returns.append(results)
+    if not main:
+        sys.exit(1 if failed else 0)  # rank > 0 of a torchrun sweep: rank 0 writes the table
     finish(sweep_dir)
     if failed:
         print("\n".join(f"error: {line}" for line in failed), file=sys.stderr)
@@ -87,6 +112,61 @@ def run_sweep(sweeper: Any, arguments: list[str]) -> Any:
               "and a rerun redoes only what is missing", file=sys.stderr)
         sys.exit(1)
     return returns
+
+
+def record_lost_jobs(sweeper: Any, batch: list[list[str]], start: int, error: BaseException) -> list[int]:
+    """Write a failure record for every job of ``batch`` that has none (it ended without a
+    result); returns their job numbers. A record that appears meanwhile is never replaced,
+    and a job still running replaces this one when it ends."""
+    from bench.runner import settings_record
+
+    lost = []
+    for i, job in enumerate(batch):
+        cfg = sweeper.hydra_context.config_loader.load_sweep_config(sweeper.config, list(job))
+        with open_dict(cfg.hydra.job):
+            cfg.hydra.job.num = start + i
+        job_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+        record = {
+            "record_version": RECORD_VERSION, "status": "failed", "mode": str(cfg.run.mode),
+            "error": (f"no result from the launcher ({_launcher_error(error)}): a job that was killed (time "
+                      "or memory limit) or never started leaves none, and a rerun generates only the missing "
+                      "samples; a job still running replaces this record when it ends"),
+            "settings": settings_record(_without_hydra(cfg)),
+        }
+        if _write_new(job_dir / RECORD_NAME, json.dumps(record, indent=2, default=str) + "\n"):
+            lost.append(start + i)
+    return lost
+
+
+def _without_hydra(cfg: Any) -> Any:
+    """The job's own settings, as its task function would have seen them."""
+    cfg = copy.deepcopy(cfg)
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def _write_new(path: Path, text: str) -> bool:
+    """Create ``path`` with ``text`` unless it exists (atomically: a hard link of a
+    complete temp file); False when it existed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def finish(sweep_dir: Path) -> None:
@@ -112,6 +192,13 @@ def _sweep_string(v: Any) -> str:
     if isinstance(v, (list, tuple)) or OmegaConf.is_list(v):
         return ",".join(str(x) for x in v)
     return str(v)
+
+
+def _launcher_error(e: BaseException) -> str:
+    """A launcher's exception in one line: its type and first two lines (submitit's name the
+    job and say what became of it; the rest is its log)."""
+    head = " ".join(" ".join(str(e).strip().splitlines()[:2]).split())
+    return f"{type(e).__name__}: {head}" if head else type(e).__name__
 
 
 def _first_line(e: Any) -> str:

@@ -40,6 +40,8 @@ def test_the_wheel_holds_configs_architectures_assets_and_the_sweeper(wheel):
         assert f"bench/archs/{model}/scheduler/scheduler_config.json" in names
         assert f"bench/conf/model/{model}.yaml" in names
     for f in ("bench/conf/config.yaml", "bench/conf/quality/adm_digits.yaml", "bench/conf/experiment/table13.yaml",
+              "bench/conf/hydra/launcher/slurm.yaml", "bench/conf/hydra/launcher/local.yaml",
+              "bench/conf/hydra/sweeper/search.yaml", "hydra_plugins/deepcache_bench/search_sweeper.py",
               "bench/assets/digits/unet/diffusion_pytorch_model.safetensors",
               "bench/assets/digits/classifier/model.safetensors",
               "hydra_plugins/deepcache_bench/table_sweeper.py", "metrics/evaluate.py"):
