@@ -180,7 +180,7 @@ def test_a_killed_job_is_a_failed_row_and_a_rerun_completes_it(tmp_path):
     """A job killed mid-run (as SLURM kills one at its time limit) leaves no result: the
     launcher raises, the sweep still writes the table with the job's row failed, and exits 1.
     Rerunning the same sweep generates only the samples the killed job had not stored."""
-    args = ["-m", "hydra/launcher=local", "run.mode=generate", "sampler.steps=50", "run.num_samples=24",
+    args = ["-m", "hydra/launcher=local", "run.mode=generate", "sampler.steps=30", "run.num_samples=12",
             "run.batch_size=2", "cache.interval=1", "run.threads=1", "run.progress=false",
             f"run.store_dir={tmp_path}/store", f"hydra.sweep.dir={tmp_path}/sweep"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -203,13 +203,13 @@ def test_a_killed_job_is_a_failed_row_and_a_rerun_completes_it(tmp_path):
     assert rec["status"] == "failed" and rec["error"].startswith("no result from the launcher (UncompletedJobError")
     assert pd.read_csv(tmp_path / "sweep" / "table.csv")["status"].tolist() == ["failed"]
     done = sum(int(p.name[16:23]) - int(p.name[8:15]) for p in (tmp_path / "store").glob("*/samples_*.npz"))
-    assert 0 < done < 24
+    assert 0 < done < 12
 
     r = run_py(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads((tmp_path / "sweep" / "0" / "run.json").read_text())
     assert rec["status"] == "ok"
-    assert rec["generation"]["reused"] == done and rec["generation"]["generated"] == 24 - done
+    assert rec["generation"]["reused"] == done and rec["generation"]["generated"] == 12 - done
     assert pd.read_csv(tmp_path / "sweep" / "table.csv")["status"].tolist() == ["ok"]
 
 

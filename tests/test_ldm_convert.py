@@ -36,8 +36,6 @@ def run_convert(*args: str) -> subprocess.CompletedProcess:
 
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

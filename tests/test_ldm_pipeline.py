@@ -31,8 +31,6 @@ STEPS, N = 4, 2
 
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
