@@ -129,6 +129,11 @@ class RunSettings:
     timing_precision: float = 0.05
     timing_budget_s: float = 30.0
     timing_loop_max_s: float = 0.5  # auto on CPU: time whole loops only when one takes at most this
+    # torch threads while timing on a CPU (null: run.threads). One thread by default: a
+    # multi-threaded op on a busy machine waits for its slowest thread to be scheduled,
+    # which stretches short and long calls unequally and no estimator undoes; a single
+    # thread's minimum is its undisturbed time (README, "Numbers on a busy machine")
+    timing_threads: Optional[int] = 1
     progress: bool = True
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)

@@ -18,17 +18,25 @@ two methods (``run.timing``):
   undisturbed rounds for the minimum.
 * ``auto`` (default): ``loop`` on CUDA, and on a CPU when one baseline loop takes
   at most ``run.timing_loop_max_s``; ``calls`` otherwise.
+
+On a CPU the timing runs with ``run.timing_threads`` torch threads (default 1). An
+op split over several threads finishes when its last thread does; on a busy machine
+a short call often runs with all its threads scheduled and a long one rarely, so
+their minima shrink unequally and the speed-up drifts with the load (measured: a
+CIFAR-sized digits U-Net beside two busy loops, 2 cores, full call 10.1 -> 24 ms at
+2 threads, 10.1 -> 11.5 ms at 1; README, "Numbers on a busy machine").
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -189,6 +197,29 @@ def timing_record(
     """Throughput of the baseline and the cached loop, the speed-up with its interval (the
     table's measurements), and the timing's details (rounds, raw times, machine load)."""
     b = baseline or baseline_for(cfg, loaded, settings, num_calls)
+    with timing_threads(cfg.run):
+        return _timing_record(loaded, cfg, settings, full_calls, num_calls, b, timer)
+
+
+@contextlib.contextmanager
+def timing_threads(run: Any) -> Iterator[None]:
+    """torch's intra-op threads set to ``run.timing_threads`` on a CPU while timing, restored after."""
+    n = run.get("timing_threads") or run.get("threads")
+    if not n or torch.device(run.device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _timing_record(
+    loaded: LoadedModel, cfg: Any, settings: CacheSettings, full_calls: list[int], num_calls: int,
+    b: Baseline, timer: Callable[[], float],
+) -> tuple[dict[str, Any], dict[str, Any]]:
     method = resolve_method(loaded, b.cfg, b.num_calls)
     r, batch = cfg.run, cfg.run.timing_batch_size
     common = dict(

@@ -90,6 +90,8 @@ def run_settings(r: Any) -> None:
         raise HarnessError(f"run.timing_precision={r.timing_precision} must be > 0 (e.g. 0.05 for ±5 %)")
     if r.threads is not None and r.threads < 1:
         raise HarnessError(f"run.threads={r.threads} must be >= 1, or null for torch's default")
+    if r.timing_threads is not None and r.timing_threads < 1:
+        raise HarnessError(f"run.timing_threads={r.timing_threads} must be >= 1, or null for run.threads")
     if not 1 <= r.shards <= r.num_samples:
         raise HarnessError(f"run.shards={r.shards} must be between 1 and run.num_samples={r.num_samples}")
     if r.shard is not None:

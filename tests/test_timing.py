@@ -200,3 +200,26 @@ def test_real_calls_timing_on_the_digits_model(digits):
     assert details["rounds"] >= 3 and set(details["raw_s"]) == {"full_call", "retrieval_call", "scheduler"}
     assert details["min_s"]["retrieval_call"] < details["min_s"]["full_call"]
     assert m["speedup"] > 1 and m["speedup_low"] <= m["speedup"] <= m["speedup_high"]
+
+
+@pytest.mark.parametrize("timing_threads,expect", [(1, 1), (2, 2), (None, 3)])
+def test_cpu_timing_runs_with_timing_threads_and_restores_them(digits, timing_threads, expect):
+    """``run.timing_threads`` (default 1; null: ``run.threads``) while timing, torch's own count after."""
+    cfg, loaded = digits
+    cfg = cfg.copy()
+    cfg.run.timing, cfg.run.timing_budget_s = "calls", 0.0
+    cfg.run.timing_threads, cfg.run.threads = timing_threads, 3
+    settings = models.cache_settings(cfg.cache, cfg.model)
+    before = torch.get_num_threads()
+    _, details = measure.timing_record(loaded, cfg, settings, uniform_full_calls(100, 5), 100)
+    assert details["threads"] == expect and torch.get_num_threads() == before
+
+
+def test_timing_threads_must_be_positive(digits):
+    from bench.config import HarnessError
+    from bench.validate import run_settings
+
+    cfg = digits[0].copy()
+    cfg.run.timing_threads = 0
+    with pytest.raises(HarnessError, match=r"run.timing_threads=0 must be >= 1, or null for run.threads"):
+        run_settings(cfg.run)
