@@ -11,11 +11,12 @@ two methods (``run.timing``):
 
 * ``loop``: whole denoising loops (U-Net + scheduler; no VAE, text encoder or
   image I/O), baseline and cached. This is the paper's measurement.
-* ``calls``: one full call, one retrieval call and one scheduler-only loop per
-  round; a loop's time is composed from the schedule,
-  ``n_full * t_full + n_retrieval * t_retrieval + t_scheduler``. Its rounds take
-  milliseconds, so both arms see the same load and a busy machine leaves many
-  undisturbed rounds for the minimum.
+* ``calls``: one full call, as many retrieval calls as last as long as one full
+  call, and one scheduler-only loop per round; a loop's time is composed from the
+  schedule, ``n_full * t_full + n_retrieval * t_retrieval + t_scheduler``. Its rounds
+  take milliseconds, so both arms see the same load and a busy machine leaves many
+  undisturbed rounds for the minimum; its regions are of about equal length, so they
+  are equally likely to be interrupted.
 * ``auto`` (default): ``loop`` on CUDA, and on a CPU when one baseline loop takes
   at most ``run.timing_loop_max_s``; ``calls`` otherwise.
 
@@ -23,7 +24,7 @@ On a CPU the timing runs with ``run.timing_threads`` torch threads (default 1). 
 op split over several threads finishes when its last thread does; on a busy machine
 a short call often runs with all its threads scheduled and a long one rarely, so
 their minima shrink unequally and the speed-up drifts with the load (measured: a
-CIFAR-sized digits U-Net beside two busy loops, 2 cores, full call 10.1 -> 24 ms at
+digits U-Net beside two busy loops, 2 cores, full call 10.1 -> 24 ms at
 2 threads, 10.1 -> 11.5 ms at 1; README, "Numbers on a busy machine").
 """
 
@@ -239,7 +240,9 @@ def _timing_record(
             arms = _call_variants(loaded, cfg, state, batch)
             if b.cfg is not cfg:
                 arms["scheduler_baseline"] = _scheduler_only(loaded, b.cfg, batch)
-            result = timing.time_ratio(arms, loop_times(num_calls, len(full_calls), b.num_calls), **common)
+            repeats = {"retrieval_call": _equal_length_repeats(arms["full_call"], arms["retrieval_call"], timer)}
+            result = timing.time_ratio(arms, loop_times(num_calls, len(full_calls), b.num_calls), repeats=repeats,
+                                       **common)
     else:
         raise ValueError(f"run.timing={method!r} is not one of {', '.join(Timing.names())}")
     if result.warning:
@@ -273,7 +276,34 @@ def _timing_record(
         "median_s": result.arm_median_s,
         "raw_s": {k: [round(x, 7) for x in v] for k, v in result.times_s.items()},
     }
+    if method == Timing.calls:
+        details["repeats"] = repeats
     return measurements, details
+
+
+def _equal_length_repeats(
+    full: Callable[[], Any], retrieval: Callable[[], Any], timer: Callable[[], float] = time.perf_counter,
+    cap: int = 100,
+) -> int:
+    """How many retrieval calls last as long as one full call (at least 1, at most ``cap``).
+
+    The ``calls`` method times that many retrieval calls as one region: on a busy machine a
+    1 ms region often runs uninterrupted and a 10 ms one rarely, so timed one by one the
+    retrieval call's minimum would shrink more than the full call's and inflate the
+    speed-up (README, "Numbers on a busy machine").
+    """
+    def best(fn: Callable[[], Any]) -> float:
+        fn()  # warm
+        out = float("inf")
+        for _ in range(3):
+            t0 = timer()
+            fn()
+            out = min(out, timer() - t0)
+        return out
+
+    full()  # the retrieval call reads what a full call stored
+    t_full, t_retr = best(full), best(retrieval)
+    return max(1, min(cap, round(t_full / max(t_retr, 1e-9))))
 
 
 def _call_variants(loaded: LoadedModel, cfg: Any, state: Any, batch: int) -> dict[str, Callable]:

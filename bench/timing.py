@@ -173,6 +173,7 @@ def time_ratio(
     resamples: int = 1000,
     seed: int = 0,
     timer: Callable[[], float] = time.perf_counter,
+    repeats: Mapping[str, int] | None = None,
 ) -> Timing:
     """Time ``arms`` in alternating rounds until the speed-up is known to ``precision``.
 
@@ -181,12 +182,19 @@ def time_ratio(
     ``lambda t: (t["baseline"], t["cached"])`` for whole loops. At least
     ``min_rounds`` rounds run; more run while the interval is wider than
     ``precision`` and the timing has lasted less than ``budget_s``.
+
+    ``repeats`` (arm -> n) times ``n`` consecutive runs of an arm as one region and
+    records the time per run: regions of equal length are equally likely to be
+    interrupted by other processes, so their minima shrink alike.
     """
     if min_rounds < 2:
         raise ValueError(f"min_rounds must be >= 2 (a spread needs two rounds), got {min_rounds}")
     if warmup < 0 or not precision > 0 or budget_s < 0:
         raise ValueError("warmup must be >= 0, precision > 0 and budget_s >= 0")
     names = list(arms)
+    reps = {n: int((repeats or {}).get(n, 1)) for n in names}
+    if min(reps.values()) < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     sync = make_sync(device)
     for _ in range(warmup):
         for name in names:
@@ -201,9 +209,10 @@ def time_ratio(
         for name in names if r % 2 == 0 else reversed(names):
             sync()
             t0 = timer()
-            arms[name]()
+            for _ in range(reps[name]):
+                arms[name]()
             sync()
-            times[name].append(timer() - t0)
+            times[name].append((timer() - t0) / reps[name])
         rounds = r + 1
         if rounds < next_check:
             continue

@@ -52,6 +52,16 @@ def test_warmup_is_not_timed_and_rounds_alternate():
     assert res.warning is None or "uncertain" not in res.warning  # a busy test machine may add a load warning
 
 
+def test_repeats_time_several_runs_as_one_region_and_record_the_time_per_run():
+    clock = FakeClock()
+    arms = {"baseline": clock.arm("baseline", lambda: 4.0), "cached": clock.arm("cached", iter([1.0, 3.0] * 8))}
+    res = timing.time_ratio(arms, loop_ratio, warmup=0, min_rounds=2, timer=clock, repeats={"cached": 2})
+    assert clock.log == ["baseline", "cached", "cached", "cached", "cached", "baseline"]
+    assert res.times_s == {"baseline": [4.0, 4.0], "cached": [2.0, 2.0]} and res.estimate.value == 2.0
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        timing.time_ratio(arms, loop_ratio, timer=clock, repeats={"cached": 0})
+
+
 def test_minimum_ignores_time_added_by_other_processes():
     """One-sided noise (other processes only add time): the per-arm minimum recovers the true
     ratio exactly where the median does not."""
@@ -160,6 +170,8 @@ def test_calls_timing_composes_the_loop_from_the_schedule(digits, monkeypatch):
     assert m["throughput"] == pytest.approx(1 / cached) and m["throughput_baseline"] == pytest.approx(1 / base)
     assert m["timing_method"] == "calls" and m["timing_reliable"] is True
     assert m["speedup_low"] == m["speedup_high"] == m["speedup"]  # constant fake times
+    # ten retrieval calls last as long as one full call: they are timed as one region
+    assert details["repeats"] == {"retrieval_call": 10} and details["raw_s"]["retrieval_call"][0] == 1.0
 
 
 def test_loop_timing_ratio(digits, monkeypatch):
