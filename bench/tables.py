@@ -119,7 +119,8 @@ def merge(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any]) 
     for col in index:
         if col not in ours:
             ours[col] = None
-    left = ours[index + [v for v in values if v in ours]].copy()
+    spread = [f"{v}_pm" for v in values if v in ours and f"{v}_pm" in ours]  # a speed-up's ± (bench.timing)
+    left = ours[index + [v for v in values if v in ours] + spread].copy()
     left["_k"] = left[index].apply(lambda r: tuple(_key(v) for v in r), axis=1)
     left = left.drop_duplicates("_k", keep="last")
     out = pd.DataFrame({"_k": list(dict.fromkeys(
@@ -141,7 +142,7 @@ def merge(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any]) 
         if f"{v}_paper" in out:
             ours_v, paper_v = pd.to_numeric(out[v], errors="coerce"), pd.to_numeric(out[f"{v}_paper"], errors="coerce")
             out[f"{v}_delta"] = ours_v - paper_v
-    cols = index + [c for v in values for c in (v, f"{v}_paper", f"{v}_delta") if c in out]
+    cols = index + [c for v in values for c in (v, f"{v}_pm", f"{v}_paper", f"{v}_delta") if c in out]
     return out[cols]
 
 
@@ -182,9 +183,11 @@ def notes(spec: dict[str, Any], ours: pd.DataFrame, records: list[tuple[str, dic
     timed = [labels.get(v, v) for v in values if v in TIMING_COLUMNS]
     if timed and env:
         method = ", ".join(sorted(set(ours.get("timing_method", pd.Series(dtype=str)).dropna().astype(str))))
+        threads = sorted({t for _, r in records if (t := (r.get("timing") or {}).get("threads")) is not None})
         out.append(
             f"{', '.join(timed)}: measured on {env.get('device_name')} ({env.get('device')}, "
-            f"{env.get('threads')} threads; timing {method or 'off'}); the paper's on one RTX 2080 -- "
+            f"{', '.join(map(str, threads)) or env.get('threads')} thread(s) while timing; timing {method or 'off'}; "
+            "± the speed-up's 95 % interval); the paper's on one RTX 2080 -- "
             "only the speed-up ratios can be compared, and only on a GPU."
         )
     quality = [v for v in values if v in QUALITY_COLUMNS]
@@ -216,23 +219,30 @@ def _cell(v: Any, delta: bool = False) -> str:
     return f"{v:+.3g}" if delta else fmt(v)
 
 
+def _spread(pm: Any) -> str:
+    """`` ±x %``: a measured value's 95 % interval as its relative half-width."""
+    if pm is None or isinstance(pm, str) or (isinstance(pm, float) and math.isnan(pm)):
+        return ""
+    return f" ±{100 * pm:.1f} %"
+
+
 def _display(df: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
     """For people: one column per value, each cell ``ours (paper; Δ)`` where the paper has a value."""
     shown: dict[str, list[str]] = {}
     for col in df.columns:
         group, _, name = col.rpartition("/")
-        if name.endswith(("_paper", "_delta")):
+        if name.endswith(("_paper", "_delta", "_pm")):
             continue
         header = (f"{group} " if group else "") + labels.get(name, name)
-        paper, delta = f"{col}_paper", f"{col}_delta"
+        paper, delta, pm = f"{col}_paper", f"{col}_delta", f"{col}_pm"
+        mine = [_cell(o) + _spread(s) for o, s in zip(df[col], df[pm] if pm in df else [None] * len(df))]
         if paper in df:
             shown[header] = [
-                f"{_cell(o)} ({_cell(p)}; {_cell(d, delta=True)})" if not (isinstance(p, float) and math.isnan(p))
-                else _cell(o)
-                for o, p, d in zip(df[col], df[paper], df[delta] if delta in df else [None] * len(df))
+                f"{o} ({_cell(p)}; {_cell(d, delta=True)})" if not (isinstance(p, float) and math.isnan(p)) else o
+                for o, p, d in zip(mine, df[paper], df[delta] if delta in df else [None] * len(df))
             ]
         else:
-            shown[header] = [_cell(v) for v in df[col]]
+            shown[header] = mine
     return pd.DataFrame(shown)
 
 

@@ -111,3 +111,22 @@ def test_every_paper_table_runs_and_renders(name, tiny_sd, tmp_path):
     filled = table[ours_cols].notna().any(axis=1)
     assert filled.sum() >= len(paper_keys) * (0.5 if spec.get("pivot") else 1), f"{name}: empty rows"
     assert "Comparable" in (sweep_dir / f"{name}.md").read_text() or not spec.get("comparable")
+
+
+def test_a_speedup_cell_shows_its_interval_and_the_note_the_timing_threads():
+    """A measured speed-up's ± (its relative 95 % half-width) is carried into the table and
+    shown in the cell; the note names the threads the timing used, not generation's."""
+    from bench.tables import merge, notes, to_markdown
+
+    spec = {"name": "t", "index": ["interval"], "values": {"speedup": "Speed", "fid": "FID"}}
+    ours = pd.DataFrame({"interval": [2, 5], "speedup": [1.8, 3.5], "speedup_pm": [0.012, float("nan")],
+                         "fid": [7.7, 8.7], "timing_method": ["calls", "calls"]})
+    paper = pd.DataFrame({"interval": [2, 5], "speedup": [1.7, 3.0], "fid": [4.4, 4.6]})
+    table = merge(ours, paper, spec)
+    assert list(table.columns) == ["interval", "speedup", "speedup_pm", "speedup_paper", "speedup_delta", "fid",
+                                   "fid_paper", "fid_delta"]
+    records = [("a", {"status": "ok", "environment": {"device_name": "x86_64", "device": "cpu", "threads": 2},
+                      "timing": {"threads": 1}})]
+    md = to_markdown(table, spec, notes(spec, ours, records))
+    assert "| 1.8 ±1.2 % (1.7; +0.1)" in md and "| 3.5 (3; +0.5)" in md and "7.7 (4.4; +3.3)" in md
+    assert "(cpu, 1 thread(s) while timing; timing calls;" in md
