@@ -227,6 +227,7 @@ def _timing_record(
         warmup=r.timing_warmup, min_rounds=r.timing_repeats, precision=r.timing_precision,
         budget_s=r.timing_budget_s, device=r.device, timer=timer,
     )
+    repeats: dict[str, int] = {}  # arm -> runs per timed region (calls)
     if method == Timing.loop:
         uncached = CacheSettings(interval=1, branch=settings.branch, schedule="none")
         arms = {"baseline": loop_fn(loaded, b.cfg, uncached, batch)}
@@ -240,7 +241,7 @@ def _timing_record(
             arms = _call_variants(loaded, cfg, state, batch)
             if b.cfg is not cfg:
                 arms["scheduler_baseline"] = _scheduler_only(loaded, b.cfg, batch)
-            repeats = {"retrieval_call": _equal_length_repeats(arms["full_call"], arms["retrieval_call"], timer)}
+            repeats["retrieval_call"] = _equal_length_repeats(arms["full_call"], arms["retrieval_call"], timer)
             result = timing.time_ratio(arms, loop_times(num_calls, len(full_calls), b.num_calls), repeats=repeats,
                                        **common)
     else:
@@ -276,7 +277,7 @@ def _timing_record(
         "median_s": result.arm_median_s,
         "raw_s": {k: [round(x, 7) for x in v] for k, v in result.times_s.items()},
     }
-    if method == Timing.calls:
+    if repeats:
         details["repeats"] = repeats
     return measurements, details
 

@@ -175,27 +175,26 @@ def load(conditions: tuple[str, ...] = ("alone", "busy", "torch")) -> dict[str, 
     them in the same store (a rerun), so what runs beside the hogs is scoring and timing."""
     cores = os.cpu_count() or 1
     rows, speedups = [], {}
-    store = tempfile.TemporaryDirectory()
-    for condition in conditions:
-        hogs = [] if condition == "alone" else [subprocess.Popen(cmd) for cmd in HOGS[condition](cores)]
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                wall, _ = _timed_run([*LOAD_SWEEP, f"run.store_dir={store.name}", f"hydra.sweep.dir={tmp}/sweep"])
-                recs = sorted((json.loads(p.read_text()) for p in Path(tmp, "sweep").glob("*/run.json")),
-                              key=lambda r: r["cache"]["interval"])
-        finally:
-            for h in hogs:
-                h.kill()
-                h.wait()
-        for rec in recs:
-            m, t = rec["measurements"], rec["timing"]
-            n = rec["cache"]["interval"]
-            speedups[(condition, n)] = m["speedup"]
-            rows.append({"condition": condition, "N": n, "speedup": m["speedup"], "pm": m["speedup_pm"],
-                         "reliable": m["timing_reliable"], "vs_alone": None, "method": m["timing_method"],
-                         "rounds": t["rounds"], "foreign_load": t["foreign_load"], "sweep_wall_s": wall,
-                         "predicted": m["macs_predicted_speedup"], "warning": t["warning"]})
-    store.cleanup()
+    with tempfile.TemporaryDirectory() as store:
+        for condition in conditions:
+            hogs = [] if condition == "alone" else [subprocess.Popen(cmd) for cmd in HOGS[condition](cores)]
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    wall, _ = _timed_run([*LOAD_SWEEP, f"run.store_dir={store}", f"hydra.sweep.dir={tmp}/sweep"])
+                    recs = sorted((json.loads(p.read_text()) for p in Path(tmp, "sweep").glob("*/run.json")),
+                                  key=lambda r: r["cache"]["interval"])
+            finally:
+                for h in hogs:
+                    h.kill()
+                    h.wait()
+            for rec in recs:
+                m, t = rec["measurements"], rec["timing"]
+                n = rec["cache"]["interval"]
+                speedups[(condition, n)] = m["speedup"]
+                rows.append({"condition": condition, "N": n, "speedup": m["speedup"], "pm": m["speedup_pm"],
+                             "reliable": m["timing_reliable"], "vs_alone": None, "method": m["timing_method"],
+                             "rounds": t["rounds"], "foreign_load": t["foreign_load"], "sweep_wall_s": wall,
+                             "predicted": m["macs_predicted_speedup"], "warning": t["warning"]})
     for row in rows:
         alone = speedups.get(("alone", row["N"]))
         row["vs_alone"] = row["speedup"] / alone - 1 if alone else None
