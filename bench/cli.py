@@ -5,7 +5,7 @@
     deepcache-bench -m experiment=table13
 
 Hydra composes the config from ``conf/`` (shipped inside the package as
-``bench.conf``) and hands it to :func:`bench.runner.run`. A bad setting is one line
+``bench.conf``) and hands it to :func:`bench.run.runner.run`. A bad setting is one line
 on stderr and exit status 2; in a sweep, every point is checked before the first job
 starts, and a job that fails anyway is recorded and the others still run (exit 1).
 """
@@ -17,11 +17,46 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from bench.config import HarnessError, register
+from bench.core.errors import HarnessError
+from bench.core.resources import PACKAGE_DIR
+from bench.run import config as schemas
+
+
+def register() -> None:
+    """Register the schemas (:mod:`bench.run.config`), the harness's sweepers and the
+    ``${pkg:...}`` (package-relative paths) and ``${launch_time:...}`` resolvers."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=schemas.Config)
+    cs.store(group="schemas", name="cache", node=schemas.CacheConfig)
+    cs.store(group="schemas", name="model", node=schemas.ModelConfig)
+    cs.store(group="schemas", name="sampler", node=schemas.SamplerConfig)
+    cs.store(group="schemas", name="metrics", node=schemas.MetricsConfig)
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.deepcache_bench.search_sweeper import SearchSweeper  # hydra/sweeper=search
+    from hydra_plugins.deepcache_bench.table_sweeper import TableSweeper  # also stores hydra/sweeper=table
+
+    Plugins.instance().register(TableSweeper)  # whether or not Hydra's plugin scan finds it
+    Plugins.instance().register(SearchSweeper)
+
+    if not OmegaConf.has_resolver("pkg"):
+        OmegaConf.register_new_resolver("pkg", lambda rel: str(PACKAGE_DIR / rel))
+    if not OmegaConf.has_resolver("launch_time"):
+        # like Hydra's ${now:...}, but the same in every process of a torchrun launch
+        # (bench.run.distributed.launch_time); cached per config as ${now:} is
+        OmegaConf.register_new_resolver("launch_time", _launch_time, use_cache=True)
+
+
+def _launch_time(pattern: str) -> str:
+    from bench.run.distributed import launch_time
+
+    return launch_time().strftime(pattern)
+
 
 register()
 
@@ -66,8 +101,8 @@ def missing_plugin(argv: list[str]) -> str | None:
 
 @hydra.main(version_base="1.3", config_path=_config_path(), config_name="config")
 def _task(cfg: DictConfig) -> float | None:
-    from bench import search
-    from bench.runner import run
+    from bench.run import search
+    from bench.run.runner import run
 
     hc = HydraConfig.get()
     try:
@@ -82,7 +117,7 @@ def _task(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    from bench import distributed
+    from bench.run import distributed
 
     problem = writable_output(sys.argv[1:]) or missing_plugin(sys.argv[1:])
     if problem:

@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 
-from bench import measure, models
-from bench.engine import CacheSettings, DeepCache, deepcache
-from bench.records import environment, write_json_atomic
+from bench.cost import measure
+from bench.models import loading as models
+from bench.caching.engine import CacheSettings, DeepCache, deepcache
+from bench.report.records import environment, write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "benchmarks"
@@ -38,7 +39,7 @@ OUT = ROOT / "results" / "benchmarks"
 def _cfg(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from bench.config import register
+    from bench.cli import register
 
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -221,7 +222,7 @@ def gpu() -> dict[str, Any]:
                    "run.timing=loop", f"run.timing_batch_size={batch}", "run.timing_repeats=3", "run.timing_warmup=1")
         loaded = models.load_model(cfg.model, "cuda", getattr(torch, dtype))
         s = models.cache_settings(cfg.cache, cfg.model)
-        from bench import sampling
+        from bench.sampling import loop as sampling
 
         calls = sampling.num_model_calls(sampling.build_scheduler(cfg.sampler, loaded.scheduler_config))
         plan = s.full_calls(calls)

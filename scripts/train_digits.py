@@ -18,7 +18,7 @@ Writes into ``--out``:
 
 Everything is seeded from ``--seed`` (classifier: seed, U-Net: seed + 1), runs on
 the CPU and, by default, on one torch thread, so the shipped weights are
-reproducible with the same torch version.  Data: ``bench.digits`` train split
+reproducible with the same torch version.  Data: ``bench.models.digits`` train split
 (1,497 images); the classifier accuracy is measured on the 300-image test split.
 """
 
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.digits import IMAGE_SIZE, load_digits_images, load_digits_labels, to_model_space
+from bench.models.digits import IMAGE_SIZE, load_digits_images, load_digits_labels, to_model_space
 from metrics.digits import DigitClassifier
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D")
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
         "numpy_version": np.__version__,
         "python_version": platform.python_version(),
         "data": {
-            "source": "sklearn.datasets.load_digits, upscaled 8x8 -> 16x16 (bench.digits)",
+            "source": "sklearn.datasets.load_digits, upscaled 8x8 -> 16x16 (bench.models.digits)",
             "train_images": int(load_digits_images("train").shape[0]),
             "test_images": int(load_digits_images("test").shape[0]),
             "split": "numpy.random.default_rng(0).permutation(1797); first 300 = test",

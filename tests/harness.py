@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from bench.config import register
+from bench.cli import register
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ import sys
 import pandas as pd
 import pytest
 
-from bench.check import main
+from bench.report.check import main
 from harness import ROOT
 
 GOLDEN = ROOT / "results" / "golden" / "digits_subset.csv"

@@ -130,7 +130,7 @@ def test_a_job_that_fails_is_a_row_and_the_others_run(tmp_path):
 
 def test_store_files_follow_the_umask(tmp_path):
     """Image shards are readable by the group of a shared store (not mkstemp's 0600)."""
-    from bench.store import ImageStore
+    from bench.sampling.store import ImageStore
 
     old = os.umask(0o002)
     try:
@@ -165,7 +165,7 @@ def test_table13_sweep_writes_a_table(tmp_path):
     # CIFAR-10 full call, paper convention (docs/conventions.md §3: 6.05 G)
     assert table.loc[0, "macs_full_g"] == pytest.approx(6.05, rel=2e-3)
     # rebuilt from the records alone, the table is the same
-    from bench.report import build_table
+    from bench.report.table import build_table
 
     rebuilt = build_table(tmp_path / "sweep")
     pd.testing.assert_frame_equal(rebuilt, full, check_dtype=False, check_exact=False, rtol=1e-5)

@@ -7,7 +7,7 @@ import pytest
 from hydra.utils import get_object
 from omegaconf import OmegaConf
 
-from bench import validate
+from bench.run import validate
 from harness import ROOT, compose_cfg
 
 CONF = ROOT / "conf"
@@ -51,7 +51,7 @@ def test_every_model_picks_a_quality_that_can_be_overridden(name):
 ])
 def test_sd_nonuniform_parameters_follow_the_prompt_set(prompts, n, expect):
     """Supp. Table 10 has one (c, p) row per prompt set; another set gets the authors' default."""
-    from bench import models
+    from bench.models import loading as models
 
     cfg = compose_cfg("model=sd15", "cache.schedule=nonuniform", f"cache.interval={n}",
                       *([f"prompts={prompts}"] if prompts else []))

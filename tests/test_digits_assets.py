@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import bench
 import metrics.digits as md
 from metrics.features import FeatureExtractor
-from bench.digits import (
+from bench.models.digits import (
     load_digits_images,
     load_digits_labels,
     split_indices,

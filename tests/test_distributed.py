@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench import distributed
-from bench.config import HarnessError
-from bench.runner import run
-from bench.store import ImageStore
+from bench.run import distributed
+from bench.core.errors import HarnessError
+from bench.run.runner import run
+from bench.sampling.store import ImageStore
 from harness import ROOT, compose_cfg
 
 # one thread per process: two ranks on two cores (torchrun sets OMP_NUM_THREADS=1 too)
@@ -72,7 +72,7 @@ RANK_SCRIPT = textwrap.dedent("""
     import json, os, sys
     sys.path[:0] = [{root!r}, {tests!r}]
     from harness import compose_cfg
-    from bench.runner import run
+    from bench.run.runner import run
     rank = int(os.environ["RANK"])
     store = {store!r} if rank == 0 else {bad_store!r}  # rank 1 alone cannot write its images
     cfg = compose_cfg(*{small!r}, "run.store_dir=" + store, "metrics.cache_dir={tmp}/metrics")

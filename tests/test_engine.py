@@ -7,8 +7,8 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from torch import nn
 
-from bench import sampling
-from bench.engine import CacheError, CacheSettings, DeepCache, deepcache, skip_table
+from bench.sampling import loop as sampling
+from bench.caching.engine import CacheError, CacheSettings, DeepCache, deepcache, skip_table
 from tiny import cifar10_unet, tiny_unet2d, tiny_unet2d_cond
 
 T = torch.tensor(537)

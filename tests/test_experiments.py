@@ -18,9 +18,9 @@ from omegaconf import OmegaConf
 
 from hydra import compose, initialize_config_dir
 
-from bench.runner import run
-from bench.sweeper import job_overrides
-from bench.tables import _key, index_columns, paper_table, render, value_columns
+from bench.run.runner import run
+from bench.run.sweeper import job_overrides
+from bench.report.paper import _key, index_columns, paper_table, render, value_columns
 from harness import ROOT, compose_cfg
 from tiny import tiny_sd_pipeline
 
@@ -72,7 +72,7 @@ def standin(name: str, root) -> list[str]:
 
 def sweep(name: str, overrides: list[str], sweep_dir) -> None:
     """``python run.py -m experiment=<name> <overrides>``, in this process."""
-    from bench.config import register
+    from bench.cli import register
 
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -116,7 +116,7 @@ def test_every_paper_table_runs_and_renders(name, tiny_sd, tmp_path):
 def test_a_speedup_cell_shows_its_interval_and_the_note_the_timing_threads():
     """A measured speed-up's ± (its relative 95 % half-width) is carried into the table and
     shown in the cell; the note names the threads the timing used, not generation's."""
-    from bench.tables import merge, notes, to_markdown
+    from bench.report.paper import merge, notes, to_markdown
 
     spec = {"name": "t", "index": ["interval"], "values": {"speedup": "Speed", "fid": "FID"}}
     ours = pd.DataFrame({"interval": [2, 5], "speedup": [1.8, 3.5], "speedup_pm": [0.012, float("nan")],

@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.runner import run
-from bench.store import ImageStore
+from bench.run.runner import run
+from bench.sampling.store import ImageStore
 from harness import ROOT, compose_cfg, run_py
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra (hydra-submitit-launcher)")
@@ -39,7 +39,7 @@ def test_hydra_finds_the_submitit_launcher_beside_the_harness_sweeper():
     from hydra.plugins.launcher import Launcher
     from hydra.plugins.sweeper import Sweeper
 
-    from bench.config import register
+    from bench.cli import register
 
     register()
     launchers = {f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Launcher)}
@@ -56,7 +56,7 @@ def test_hydra_finds_the_submitit_launcher_beside_the_harness_sweeper():
 def test_the_launcher_configs_extend_the_plugin(name, target):
     from hydra import compose, initialize_config_dir
 
-    from bench.config import register
+    from bench.cli import register
 
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -22,10 +22,12 @@ import pytest
 import torch
 import yaml
 
-from bench import convert, macs, measure
-from bench.engine import CacheSettings
-from bench.models import LoadedModel
-from bench.schedules import uniform_full_calls
+from bench.models import convert
+from bench.cost import macs
+from bench.cost import measure
+from bench.caching.engine import CacheSettings
+from bench.models.loading import LoadedModel
+from bench.caching.schedules import uniform_full_calls
 from harness import ROOT, compose_cfg
 import ldm_original as lo
 
@@ -48,7 +50,7 @@ def tiny(tmp_path_factory):
 def converted(tiny):
     from diffusers import DDIMScheduler, UNet2DConditionModel, VQModel
 
-    from bench.ldm import ClassEmbedder
+    from bench.models.ldm import ClassEmbedder
 
     _, ckpt, config = tiny
     out = ckpt.parent / "converted"
@@ -70,7 +72,7 @@ def test_layout_and_manifest(converted, tiny):
         assert (out / sub / "config.json").is_file() and (out / sub / convert.WEIGHTS_NAME).is_file()
     index = json.loads((out / "model_index.json").read_text())
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vqvae"] == ["diffusers", "VQModel"]
-    assert index["class_embedder"] == ["bench.ldm", "ClassEmbedder"]
+    assert index["class_embedder"] == ["bench.models.ldm", "ClassEmbedder"]
     source = index["converted_from"]
     assert source["checkpoint"] == "model.ckpt" and source["checkpoint_sha256"] == convert._sha256(tiny[1])
     assert source["checkpoint_keys"] == len(tiny[0].state_dict())

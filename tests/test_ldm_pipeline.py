@@ -2,7 +2,7 @@
 classifier-free guidance with the null class, VQ-f4 decoding, store, resume, metrics.
 
 A tiny checkpoint in CompVis/latent-diffusion's layout (``ldm_original.py``) is
-converted with ``bench.convert`` and run as ``model=ldm_cin256
+converted with ``bench.models.convert`` and run as ``model=ldm_cin256
 model.pretrained=<converted>``; its uncached images must equal the original
 model's DDIM sampler with guidance (``ldm/models/diffusion/ddim.py``) given the same
 initial latents and labels.
@@ -17,13 +17,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bench import generate, models, sampling
-from bench.config import HarnessError
-from bench.convert import main as convert_main
-from bench.images import to_uint8
-from bench.pipeline import ClassToImage, check_labels, class_labels
-from bench.runner import Prepared, run
-from bench.store import ImageStore
+from bench.sampling import generate
+from bench.models import loading as models
+from bench.sampling import loop as sampling
+from bench.core.errors import HarnessError
+from bench.models.convert import main as convert_main
+from bench.core.images import to_uint8
+from bench.models.pipelines import ClassToImage, check_labels, class_labels
+from bench.run.runner import Prepared, run
+from bench.sampling.store import ImageStore
 from harness import compose_cfg, run_py
 import ldm_original as lo
 

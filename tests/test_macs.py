@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import macs
-from bench.schedules import uniform_full_calls
-from bench.macs import MacCount, average_macs, count_macs, per_image, sdpa_macs
+from bench.cost import macs
+from bench.caching.schedules import uniform_full_calls
+from bench.cost.macs import MacCount, average_macs, count_macs, per_image, sdpa_macs
 
 # --------------------------------------------------------------------------- #
 # Toy module with hand-computed MACs

@@ -10,9 +10,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench import macs, measure, models
-from bench.engine import CacheSettings
-from bench.schedules import uniform_full_calls
+from bench.cost import macs
+from bench.cost import measure
+from bench.models import loading as models
+from bench.caching.engine import CacheSettings
+from bench.caching.schedules import uniform_full_calls
 from harness import compose_cfg
 
 PAPER = Path(__file__).resolve().parent.parent / "results" / "paper"

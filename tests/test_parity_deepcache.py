@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.engine import CacheSettings, deepcache
+from bench.caching.engine import CacheSettings, deepcache
 from tiny import tiny_sd_pipeline
 
 DeepCache = pytest.importorskip("DeepCache")

@@ -16,10 +16,11 @@ import torch
 import pandas as pd
 import pytest
 
-from bench import generate, models
-from bench.pipeline import Pixels
-from bench.runner import run
-from bench.store import ImageStore
+from bench.sampling import generate
+from bench.models import loading as models
+from bench.models.pipelines import Pixels
+from bench.run.runner import run
+from bench.sampling.store import ImageStore
 from harness import ROOT, compose_cfg, run_py
 
 FAST = ["sampler.steps=10", "run.progress=false", "run.timing=off"]
@@ -253,7 +254,7 @@ def test_hub_layout_checkpoint_loads_through_from_pretrained(tmp_path):
 
 def test_too_few_samples_for_the_is_split_fails_before_generating(tmp_path):
     cfg = compose_cfg(*FAST, "run.num_samples=8", f"run.store_dir={tmp_path}/store")
-    from bench.config import HarnessError
+    from bench.core.errors import HarnessError
 
     with pytest.raises(HarnessError, match=r"run.num_samples=8 .*quality.is_split_size=100"):
         run(cfg, tmp_path / "out")

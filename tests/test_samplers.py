@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import sampling
-from bench.engine import CacheSettings, deepcache
+from bench.sampling import loop as sampling
+from bench.caching.engine import CacheSettings, deepcache
 from harness import compose_cfg
 from tiny import tiny_unet2d
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.schedules import ScheduleError, full_calls, nonuniform_full_calls, uniform_full_calls
+from bench.caching.schedules import ScheduleError, full_calls, nonuniform_full_calls, uniform_full_calls
 
 
 class Ambiguous(Exception):

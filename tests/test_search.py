@@ -86,8 +86,8 @@ def test_a_bad_search_setting_is_one_line_and_runs_nothing(tmp_path):
     ],
 )
 def test_the_search_settings_are_checked(settings, expect):
-    from bench.config import HarnessError
-    from bench.search import check_settings
+    from bench.core.errors import HarnessError
+    from bench.run.search import check_settings
 
     with pytest.raises(HarnessError, match=re.escape(expect)):
         check_settings(*settings)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bench.engine import CacheSettings, deepcache
+from bench.caching.engine import CacheSettings, deepcache
 from harness import run_py
 from tiny import cifar10_unet
 

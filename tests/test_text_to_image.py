@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench import sampling
-from bench.engine import CacheSettings, deepcache
-from bench.runner import run
-from bench.store import ImageStore
+from bench.sampling import loop as sampling
+from bench.caching.engine import CacheSettings, deepcache
+from bench.run.runner import run
+from bench.sampling.store import ImageStore
 from harness import compose_cfg
 from tiny import tiny_sd_pipeline
 
@@ -88,7 +88,7 @@ def test_record_carries_clip_score_and_protocol(setup):
 
 
 def test_text_model_needs_prompts(tmp_path, setup):
-    from bench.config import HarnessError
+    from bench.core.errors import HarnessError
 
     sd = setup[1]["settings"]["model"]["pretrained"]
     common = ["model=sd15", f"model.pretrained={sd}", "run.mode=generate", "sampler=ddim", "sampler.steps=2",
@@ -106,7 +106,7 @@ def test_prompts_from_a_local_dataset_take_the_first_caption(tmp_path):
     """A hub-style dataset directory (as phiyodr/coco2017: a list of captions per image)."""
     import pandas as pd
 
-    from bench.pipeline import load_prompts
+    from bench.models.pipelines import load_prompts
 
     (tmp_path / "coco" / "data").mkdir(parents=True)
     pd.DataFrame({"captions": [["a cat", "a small cat"], ["a dog", "the dog"]], "id": [1, 2]}).to_parquet(

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench import measure, models, timing
-from bench.schedules import uniform_full_calls
+from bench.cost import measure
+from bench.models import loading as models
+from bench.cost import timing
+from bench.caching.schedules import uniform_full_calls
 from harness import compose_cfg
 
 
@@ -228,8 +230,8 @@ def test_cpu_timing_runs_with_timing_threads_and_restores_them(digits, timing_th
 
 
 def test_timing_threads_must_be_positive(digits):
-    from bench.config import HarnessError
-    from bench.validate import run_settings
+    from bench.core.errors import HarnessError
+    from bench.run.validate import run_settings
 
     cfg = digits[0].copy()
     cfg.run.timing_threads = 0

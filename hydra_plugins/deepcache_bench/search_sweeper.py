@@ -1,7 +1,7 @@
 """The ``search`` sweeper (``hydra/sweeper=search``, ``conf/hydra/sweeper/search.yaml``):
 Hydra's Optuna sweeper plugin, plus what the harness's sweeps do -- the search space
 checked before the first trial, ``table.csv`` written when the search ends (also when it
-fails). The objective of a trial is :func:`bench.search.objective`.
+fails). The objective of a trial is :func:`bench.run.search.objective`.
 
 Optuna and its Hydra plugin (the ``search`` extra) are imported only when this sweeper
 is used, so plugin discovery works without them.
@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 class SearchSweeper(Sweeper):
     """Optuna search of the settings in ``params`` (and sweep overrides on the command line)
-    for the best ``objective`` above a speed-up floor; see :mod:`bench.search`."""
+    for the best ``objective`` above a speed-up floor; see :mod:`bench.run.search`."""
 
     def __init__(self, objective: str = "fid", min_speedup: float = 1.0, speedup: str = "macs",
                  **optuna: Any) -> None:
@@ -43,9 +43,10 @@ class SearchSweeper(Sweeper):
         self.optuna.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
-        from bench import distributed, search
-        from bench.config import HarnessError
-        from bench.sweeper import check_jobs, finish
+        from bench.run import distributed
+        from bench.run import search
+        from bench.core.errors import HarnessError
+        from bench.run.sweeper import check_jobs, finish
 
         assert self.config is not None
         try:
@@ -75,7 +76,7 @@ class SearchSweeper(Sweeper):
 
 def corner_jobs(params: dict[str, Any], arguments: list[str]) -> list[list[str]]:
     """Override lists that put each searched setting at each end of its range (every value of
-    a choice), the others at their lower end: the points :func:`bench.sweeper.check_jobs`
+    a choice), the others at their lower end: the points :func:`bench.run.sweeper.check_jobs`
     checks before the first trial. A command-line override of a key replaces ``params``'."""
     parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + list(arguments))
     last: dict[str, Override] = {}

@@ -1,5 +1,5 @@
 """The ``table`` sweeper (``hydra/sweeper=table``, the harness's default); the logic is in
-:mod:`bench.sweeper`."""
+:mod:`bench.run.sweeper`."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ ConfigStore.instance().store(group="hydra/sweeper", name="table", node=TableSwee
 
 class TableSweeper(BasicSweeper):
     """Hydra's basic sweeper plus ``grids``, every point checked before the first job, and the
-    table written when the jobs are done (see :mod:`bench.sweeper`)."""
+    table written when the jobs are done (see :mod:`bench.run.sweeper`)."""
 
     def __init__(
         self,
@@ -35,6 +35,6 @@ class TableSweeper(BasicSweeper):
         self.grids = [dict(g) for g in grids or []]
 
     def sweep(self, arguments: list[str]) -> Any:
-        from bench.sweeper import run_sweep
+        from bench.run.sweeper import run_sweep
 
         return run_sweep(self, arguments)

@@ -9,7 +9,7 @@ runs the same launcher). The harness reads those variables itself; it does not u
 accelerate's ``PartialState``, which on a CPU without ``cpu=True`` lets every rank do
 all the work.
 
-What a run does with them (one code path, :mod:`bench.runner`):
+What a run does with them (one code path, :mod:`bench.run.runner`):
 
 * **Output directory.** Every rank runs the Hydra entry and composes its own config.
   Before that, the ranks agree on rank 0's launch time, which ``${launch_time:...}``
@@ -18,7 +18,7 @@ What a run does with them (one code path, :mod:`bench.runner`):
   (``hydra.output_subdir=null``, ``hydra/job_logging=stdout`` are added to their
   command line) and no run record.
 * **Generation.** Each rank generates its part of the run's samples: part ``rank`` of
-  ``world_size`` of the run's sample indices (:func:`bench.store.shard_range`), for
+  ``world_size`` of the run's sample indices (:func:`bench.sampling.store.shard_range`), for
   the baseline and the cached setting, into the shared image store. A sample depends
   only on (seed, index), so the images are those of one process.
 * **Sync.** Then every rank reports its outcome to every other
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from bench.config import HarnessError
+from bench.core.errors import HarnessError
 
 # generation of the slowest part of a resumed run can take this long after the fastest
 SYNC_TIMEOUT = timedelta(days=7)
@@ -111,7 +111,7 @@ class Context:
                 f"{len(indices)} samples cannot be split over {self.world_size} processes: "
                 f"raise run.num_samples or start fewer processes"
             )
-        from bench.store import shard_range
+        from bench.sampling.store import shard_range
 
         sub = shard_range(len(indices), self.world_size, self.rank)
         return range(indices.start + sub.start, indices.start + sub.stop)

@@ -1,7 +1,7 @@
 """The paper's tables from a sweep: our numbers beside the paper's, in the paper's layout.
 
 An experiment file (``conf/experiment/tableN.yaml``) carries a ``table`` spec
-(:class:`bench.config.TableSpec`); every run record of its sweep holds it, so the
+(:class:`bench.run.config.TableSpec`); every run record of its sweep holds it, so the
 table is rendered from the records alone -- at the end of the sweep, or at any time
 with ``python -m bench.report <sweep_dir>``. Written into the sweep directory:
 
@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from bench.config import PACKAGE_DIR
-from bench.report import build_table, fmt, load_records, write_csv
+from bench.core.resources import PACKAGE_DIR
+from bench.report.table import build_table, fmt, load_records, write_csv
 from metrics.files import atomic_write, atomic_write_bytes
 
 def _paper_dirs() -> list[Path]:
@@ -119,7 +119,7 @@ def merge(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any]) 
     for col in index:
         if col not in ours:
             ours[col] = None
-    spread = [f"{v}_pm" for v in values if v in ours and f"{v}_pm" in ours]  # a speed-up's ± (bench.timing)
+    spread = [f"{v}_pm" for v in values if v in ours and f"{v}_pm" in ours]  # a speed-up's ± (bench.cost.timing)
     left = ours[index + [v for v in values if v in ours] + spread].copy()
     left["_k"] = left[index].apply(lambda r: tuple(_key(v) for v in r), axis=1)
     left = left.drop_duplicates("_k", keep="last")
@@ -296,7 +296,7 @@ def plot(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any], p
                 ax.plot(g[p["x"]], g[p["y"]], style, color=color, label=label)
                 low, high = f"{p['y']}_low", f"{p['y']}_high"
                 if source == "ours" and low in g and high in g and g[low].notna().any():
-                    # the speed-up's bootstrap interval (bench.timing)
+                    # the speed-up's bootstrap interval (bench.cost.timing)
                     ax.errorbar(g[p["x"]], g[p["y"]], yerr=[g[p["y"]] - g[low], g[high] - g[p["y"]]],
                                 fmt="none", ecolor=color, capsize=2, alpha=0.7)
         ax.set_xlabel(labels.get(p["x"], p["x"]))

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from bench import sampling
-from bench.engine import CacheSettings, deepcache
-from bench.models import LoadedModel
-from bench.store import ImageStore, missing_runs
+from bench.sampling import loop as sampling
+from bench.caching.engine import CacheSettings, deepcache
+from bench.models.loading import LoadedModel
+from bench.sampling.store import ImageStore, missing_runs
 
 
 def store_key(
@@ -50,7 +50,7 @@ def generate(
 ) -> dict[str, Any]:
     """Generate every sample of ``indices`` not yet in ``store``, batch by batch.
 
-    ``pipe`` conditions the samples and decodes them (``bench.pipeline``); only the
+    ``pipe`` conditions the samples and decodes them (``bench.models.pipelines``); only the
     denoising loop runs with the cache attached."""
     unet = loaded.unet
     p = next(unet.parameters())

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from bench.schedules import SCHEDULES, ScheduleError, full_calls as schedule_full_calls
+from bench.caching.schedules import SCHEDULES, ScheduleError, full_calls as schedule_full_calls
 
 
 class CacheError(ValueError):

@@ -1,7 +1,7 @@
 """Every setting checked before any work starts, each failure one line naming the setting.
 
 :func:`check` is cheap (no weights are loaded, nothing is generated): a sweep runs it
-on every point before its first job starts (``bench.sweeper``), and every run runs it
+on every point before its first job starts (``bench.run.sweeper``), and every run runs it
 again first. What only a loaded model can tell (its weights, its scheduler) is
 checked by the run itself, still before it generates anything.
 """
@@ -18,10 +18,11 @@ from typing import Any, get_args, get_origin
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bench.config import Config, HarnessError
-from bench.engine import CacheError, skip_table
-from bench.options import Mode, Weights, value
-from bench.schedules import ScheduleError
+from bench.core.errors import HarnessError
+from bench.run.config import Config
+from bench.caching.engine import CacheError, skip_table
+from bench.core.options import Mode, Weights, value
+from bench.caching.schedules import ScheduleError
 
 
 def check(cfg: Any) -> None:
@@ -61,7 +62,7 @@ def _unknown(node: Any, schema: type, prefix: str) -> None:
 
 def _dataclass_of(tp: Any) -> type | None:
     if isinstance(tp, str):  # postponed annotations: resolve among the schema classes
-        import bench.config as c
+        import bench.run.config as c
 
         tp = eval(tp, vars(c))  # noqa: S307 -- our own annotations
     if get_origin(tp) is not None:  # Optional[X]
@@ -112,7 +113,8 @@ def run_settings(r: Any) -> None:
 
 def cache_settings(cfg: Any) -> None:
     """Interval, branch and schedule against the model's architecture and the sampler's calls."""
-    from bench import models, sampling
+    from bench.models import loading as models
+    from bench.sampling import loop as sampling
 
     settings = models.cache_settings(cfg.cache, cfg.model, cfg.run.prompts.name)
     num_skips = _num_skips(cfg.model.unet_class, cfg.model.arch)

@@ -32,7 +32,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from bench.images import to_model_space, to_uint8  # noqa: F401  (re-exported)
+from bench.core.images import to_model_space, to_uint8  # noqa: F401  (re-exported)
 import torch.nn.functional as F
 
 __all__ = [

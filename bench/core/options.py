@@ -1,6 +1,6 @@
 """The names of every multiple-choice setting, defined once.
 
-The Hydra schemas (``bench.config``) use these enums, so a wrong value fails at
+The Hydra schemas (``bench.run.config``) use these enums, so a wrong value fails at
 composition with the valid values listed; the engine, the schedules and the runner
 take their valid names from here too.
 """

@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.config import HarnessError
-from bench.images import to_uint8
-from bench.models import weights_fingerprint
+from bench.core.errors import HarnessError
+from bench.core.images import to_uint8
+from bench.core.seeds import sample_seed
+from bench.models.loading import weights_fingerprint
 
 
 def load_prompts(source: str, column: str | None = None, split: str | None = None) -> list[str]:
@@ -176,15 +177,13 @@ def class_labels(rule: Any, seed: int, indices: range | list[int], num_classes: 
     """The class label of each sample index under ``run.labels``.
 
     ``random``: uniform over ``num_classes``, drawn from sample ``i``'s own seed
-    (``sampling.sample_seed(seed, i)``), so it depends only on ``(seed, i)``; the
+    (:func:`bench.core.seeds.sample_seed`), so it depends only on ``(seed, i)``; the
     paper's protocol (the authors' ``experiments/ldm/sample_ddp_deepcache.py`` draws
     ``torch.randint(0, 1000)`` labels, as guided-diffusion's sampling scripts do);
     ``per_class``: ``per_class`` samples of each class in class order (sample ``i``
     is class ``i // per_class``; 50 per class gives a class-balanced 50k);
     ``list``: sample ``i`` is ``list[i]``.
     """
-    from bench.sampling import sample_seed
-
     mode = getattr(rule.mode, "value", rule.mode)
     if mode == "random":
         return [int(np.random.default_rng([sample_seed(seed, i), LABEL_STREAM]).integers(num_classes))
@@ -243,7 +242,7 @@ class ClassToImage:
     """
 
     def __init__(self, mcfg: Any, rcfg: Any, device: str, dtype: torch.dtype):
-        from bench.ldm import SUBFOLDER, ClassEmbedder
+        from bench.models.ldm import SUBFOLDER, ClassEmbedder
 
         self.rule = rcfg.labels
         self.seed = rcfg.seed

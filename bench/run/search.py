@@ -32,8 +32,8 @@ from typing import Any
 
 from omegaconf import OmegaConf, open_dict
 
-from bench.config import HarnessError
-from bench.records import write_record
+from bench.core.errors import HarnessError
+from bench.report.records import write_record
 
 SWEEPER = "hydra_plugins.deepcache_bench.search_sweeper.SearchSweeper"
 SPEEDUPS = ("macs", "measured")
@@ -61,7 +61,7 @@ def check_settings(objective: Any, min_speedup: Any, speedup: Any, direction: An
 
 def objective(cfg: Any, out_dir: str | Path, sweeper_cfg: Any) -> float:
     """Run one trial and return its objective (see the module docstring)."""
-    from bench.runner import run
+    from bench.run.runner import run
 
     name, floor, speedup = sweeper_cfg.objective, float(sweeper_cfg.min_speedup), sweeper_cfg.speedup
     worst = math.inf if str(sweeper_cfg.direction) == "minimize" else -math.inf

@@ -1,7 +1,7 @@
 """Structured configs (typed schemas) for the Hydra entry point.
 
-Registered in Hydra's ConfigStore so that a wrong type or an unknown key fails at
-composition time (struct mode), before any model is built. The YAML files under
+Registered in Hydra's ConfigStore by the entry point (:func:`bench.cli.register`) so that a
+wrong type or an unknown key fails at composition time (struct mode), before any model is built. The YAML files under
 ``conf/`` extend these schemas; the config group *is* the registry of models and
 samplers (a new model is a new YAML file).
 """
@@ -9,20 +9,11 @@ samplers (a new model is a new YAML file).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, List, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
-from bench.options import DType, LabelMode, Mode, Schedule, Timing, Weights
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-class HarnessError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
-
+from bench.core.options import DType, LabelMode, Mode, Schedule, Timing, Weights
 
 @dataclass
 class CacheConfig:
@@ -65,7 +56,7 @@ class ModelConfig:
     # the same per prompt set (run.prompts.name), where the paper tuned them per set (Table 10)
     nonuniform_by_prompts: dict[str, dict[int, NonUniformParams]] = field(default_factory=dict)
     # what the sampling loop produces: pixels (images in [-1, 1]) or latents, which
-    # `pipeline` (a class path, e.g. bench.pipeline.TextToImage) conditions and decodes
+    # `pipeline` (a class path, e.g. bench.models.pipelines.TextToImage) conditions and decodes
     output: str = "pixels"
     pipeline: Optional[str] = None
 
@@ -119,7 +110,7 @@ class RunSettings:
     threads: Optional[int] = None
     store_dir: str = ".cache/store"  # images, keyed by the settings that change them
     save_png: bool = False
-    # throughput (bench.timing): rounds alternate baseline and cached; each arm's time
+    # throughput (bench.cost.timing): rounds alternate baseline and cached; each arm's time
     # is its minimum; rounds are added until the speed-up's 95 % interval is within
     # timing_precision (relative half-width) or timing_budget_s is spent
     timing: Timing = Timing.auto  # auto | loop | calls | off
@@ -219,33 +210,3 @@ class Config:
     quality: Optional[Any] = None
     # the paper table a sweep renders (set by conf/experiment/table*.yaml)
     table: Optional[TableSpec] = None
-
-
-def register() -> None:
-    """Register the schemas and the ``${pkg:...}`` resolver (package-relative paths)."""
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    cs.store(group="schemas", name="cache", node=CacheConfig)
-    cs.store(group="schemas", name="model", node=ModelConfig)
-    cs.store(group="schemas", name="sampler", node=SamplerConfig)
-    cs.store(group="schemas", name="metrics", node=MetricsConfig)
-    from hydra.core.plugins import Plugins
-
-    from hydra_plugins.deepcache_bench.search_sweeper import SearchSweeper  # hydra/sweeper=search
-    from hydra_plugins.deepcache_bench.table_sweeper import TableSweeper  # also stores hydra/sweeper=table
-
-    Plugins.instance().register(TableSweeper)  # whether or not Hydra's plugin scan finds it
-    Plugins.instance().register(SearchSweeper)
-
-    if not OmegaConf.has_resolver("pkg"):
-        OmegaConf.register_new_resolver("pkg", lambda rel: str(PACKAGE_DIR / rel))
-    if not OmegaConf.has_resolver("launch_time"):
-        # like Hydra's ${now:...}, but the same in every process of a torchrun launch
-        # (bench.distributed.launch_time); cached per config as ${now:} is
-        OmegaConf.register_new_resolver("launch_time", _launch_time, use_cache=True)
-
-
-def _launch_time(pattern: str) -> str:
-    from bench.distributed import launch_time
-
-    return launch_time().strftime(pattern)

@@ -5,7 +5,7 @@ call, averaged over the run* (full and retrieval calls together), *without* doub
 for classifier-free guidance (``docs/conventions.md`` §3).  The VAE / VQ decoder and
 the text encoder are not included -- :func:`count_macs` only counts what the
 callable you hand it executes, so pass it the U-Net call alone.  Timing lives in
-:mod:`bench.timing`.
+:mod:`bench.cost.timing`.
 
 MACs conventions (both are always reported, see :class:`MacCount`):
 

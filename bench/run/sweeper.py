@@ -5,7 +5,7 @@ plus three things a table needs.
   product and run one after the other, so that a table combining differently shaped
   runs (e.g. PLMS at several step counts *and* DeepCache at several N) is one
   command. Command-line values override a grid's value of the same key.
-* Every point of the sweep is composed and checked (:func:`bench.validate.check`)
+* Every point of the sweep is composed and checked (:func:`bench.run.validate.check`)
   before the first job starts; bad points are listed, one line each, and nothing runs.
 * When the jobs are done -- also when some of them failed -- the sweep's
   ``table.csv`` is written from the run records (and any paper table the experiment
@@ -36,9 +36,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf, open_dict, read_write
 
-from bench.config import HarnessError
-from bench.distributed import is_main_process
-from bench.records import RECORD_NAME, RECORD_VERSION
+from bench.core.errors import HarnessError
+from bench.run.distributed import is_main_process
+from bench.report.records import RECORD_NAME, RECORD_VERSION
+from bench.report.sweep import write_tables
+from bench.report.table import print_summary
 
 
 def job_overrides(params: dict[str, str] | None, grids: list[dict[str, Any]] | None,
@@ -61,7 +63,7 @@ def job_overrides(params: dict[str, str] | None, grids: list[dict[str, Any]] | N
 
 def check_jobs(sweeper: Any, jobs: list[list[str]]) -> None:
     """Compose and check every job's config; exit 2 listing the bad ones before any runs."""
-    from bench.validate import check
+    from bench.run.validate import check
 
     loader = sweeper.hydra_context.config_loader
     problems = []
@@ -118,7 +120,7 @@ def record_lost_jobs(sweeper: Any, batch: list[list[str]], start: int, error: Ba
     """Write a failure record for every job of ``batch`` that has none (it ended without a
     result); returns their job numbers. A record that appears meanwhile is never replaced,
     and a job still running replaces this one when it ends."""
-    from bench.runner import settings_record
+    from bench.run.runner import settings_record
 
     lost = []
     for i, job in enumerate(batch):
@@ -171,19 +173,14 @@ def _umask() -> int:
 
 def finish(sweep_dir: Path) -> None:
     """Write ``table.csv`` (and the experiment's paper table, if any) and print the rows."""
-    from bench.report import build_table, print_summary, write_csv, TABLE_NAME
-
     try:
-        df = build_table(sweep_dir)
+        tables = write_tables(sweep_dir)
     except FileNotFoundError as e:
         print(f"table: not written ({e})", file=sys.stderr)
         return
-    path = write_csv(df, sweep_dir / TABLE_NAME)
-    print_summary(df)
-    print(f"table: {path}")
-    from bench.tables import render
-
-    for out in render(sweep_dir):
+    print_summary(tables.table)
+    print(f"table: {tables.path}")
+    for out in tables.paper:
         print(f"paper table: {out}")
 
 

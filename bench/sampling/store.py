@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from bench.config import HarnessError
+from bench.core.errors import HarnessError
 from metrics.files import atomic_write, atomic_write_bytes
 
 STORE_VERSION = 1

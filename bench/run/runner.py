@@ -1,7 +1,7 @@
 """Run orchestration: config -> model + sampler + cache -> measurements -> ``run.json``.
 
 ``run(cfg, out_dir)`` is what the command line hands over to. Every setting is
-checked first (:mod:`bench.validate`); each ``run.mode`` is one small function in
+checked first (:mod:`bench.run.validate`); each ``run.mode`` is one small function in
 ``MODES``; quality metrics are whatever ``cfg.quality`` instantiates (a
 ``conf/quality/*.yaml``), so the runner never asks which metrics exist.
 
@@ -11,7 +11,7 @@ cached run and of its uncached ``baseline`` (the table's cells), timing details 
 the environment. A run that fails writes a record too, with ``status: failed`` and
 the error, so a sweep's table shows the failed row and nothing half-done is trusted.
 
-Under ``torchrun`` (:mod:`bench.distributed`) the same functions run on every rank:
+Under ``torchrun`` (:mod:`bench.run.distributed`) the same functions run on every rank:
 each generates its part of the samples, the ranks sync, and rank 0 alone measures
 and writes the record.
 """
@@ -30,13 +30,18 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from bench import distributed, generate, measure, models, sampling, validate
-from bench.config import HarnessError
-from bench.engine import CacheError, CacheSettings, DeepCache
-from bench.options import Mode, value
-from bench.pipeline import Pixels
-from bench.records import environment, write_record
-from bench.store import ImageStore, shard_range
+from bench.run import distributed
+from bench.sampling import generate
+from bench.cost import measure
+from bench.models import loading as models
+from bench.sampling import loop as sampling
+from bench.run import validate
+from bench.core.errors import HarnessError
+from bench.caching.engine import CacheError, CacheSettings, DeepCache
+from bench.core.options import Mode, value
+from bench.models.pipelines import Pixels
+from bench.report.records import environment, write_record
+from bench.sampling.store import ImageStore, shard_range
 
 
 def settings_record(cfg: Any) -> dict[str, Any]:
@@ -156,7 +161,7 @@ def _generate(p: Prepared, cfg: Any, indices: range, pipe: Any) -> dict[str, Any
     its own baseline, the run's images into the store.
 
     With several processes each generates its part of ``indices``, then all sync
-    (:mod:`bench.distributed`); the record covers ``indices``."""
+    (:mod:`bench.run.distributed`); the record covers ``indices``."""
     ctx = distributed.current()
     mine = ctx.part(indices)
     root, ref = Path(cfg.run.store_dir), p.reference
@@ -332,7 +337,7 @@ def _write_failure(cfg: Any, out_dir: str | Path, error: BaseException, wall: fl
 
 def summary(record: dict[str, Any]) -> str:
     """A few human lines: the run and its baseline, speed-up with its spread, MACs, quality."""
-    from bench.report import format_row
+    from bench.report.table import format_row
 
     lines = []
     if "baseline" in record:

@@ -3,9 +3,9 @@
 MACs (``docs/conventions.md`` §3): counted once per kind of call -- one full call,
 one retrieval call at the configured branch -- on a meta-device copy of the U-Net
 (no weights, no compute), per image, without doubling for classifier-free guidance,
-then averaged over the run's schedule of full calls (:mod:`bench.macs`).
+then averaged over the run's schedule of full calls (:mod:`bench.cost.macs`).
 
-Throughput (:mod:`bench.timing`: alternating rounds, per-arm minimum, bootstrap
+Throughput (:mod:`bench.cost.timing`: alternating rounds, per-arm minimum, bootstrap
 interval, rounds added until the speed-up is known to ``run.timing_precision``),
 two methods (``run.timing``):
 
@@ -41,10 +41,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from bench import macs, sampling, timing
-from bench.engine import CacheSettings, deepcache
-from bench.models import LoadedModel, random_context
-from bench.options import Timing, value
+from bench.cost import macs
+from bench.sampling import loop as sampling
+from bench.cost import timing
+from bench.caching.engine import CacheSettings, deepcache
+from bench.models.loading import LoadedModel, random_context
+from bench.core.options import Timing, value
 
 
 def call_macs(loaded: LoadedModel, mcfg: Any, settings: CacheSettings) -> tuple[macs.MacCount, macs.MacCount]:

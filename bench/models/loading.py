@@ -21,8 +21,8 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 from torch import nn
 
-from bench.config import HarnessError
-from bench.engine import CacheError, CacheSettings
+from bench.core.errors import HarnessError
+from bench.caching.engine import CacheError, CacheSettings
 
 
 @dataclass

@@ -16,7 +16,8 @@ import torch
 from hydra.utils import get_class
 from torch import nn
 
-from bench.config import HarnessError
+from bench.core.errors import HarnessError
+from bench.core.seeds import sample_seed
 
 
 def build_scheduler(scfg: Any, scheduler_config: dict[str, Any]):
@@ -32,11 +33,6 @@ def build_scheduler(scfg: Any, scheduler_config: dict[str, Any]):
 def num_model_calls(scheduler) -> int:
     """Model calls of one sampling run (PLMS makes 51 calls for 50 steps)."""
     return len(scheduler.timesteps)
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """The seed of sample ``index`` under base ``seed`` (independent of batching)."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
 def sample_generators(seed: int, indices: range | list[int]) -> list[torch.Generator]:

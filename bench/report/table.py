@@ -1,9 +1,9 @@
 """Tables from run records: one row per run, rebuilt from the ``run.json`` files alone.
 
 A sweep writes ``table.csv`` into its sweep directory when its jobs are done
-(``bench.sweeper``); ``python -m bench.report <sweep_dir>`` rebuilds it at any time,
+(``bench.run.sweeper``); ``python -m bench.report <sweep_dir>`` rebuilds it at any time,
 e.g. after an interrupted sweep or when the jobs ran elsewhere (SLURM), together with
-the paper table of an experiment sweep (``bench.tables``).
+the paper table of an experiment sweep (``bench.report.paper``).
 
 Columns: the settings that identify a run, then every measurement the records hold
 (whatever the quality config produced), then ``status`` (``ok`` / ``failed``),
@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench.records import RECORD_NAME
+from bench.report.records import RECORD_NAME
 from metrics.files import atomic_write_bytes
 
 TABLE_NAME = "table.csv"
@@ -104,11 +104,6 @@ def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
     return atomic_write_bytes(path, df.to_csv(index=False, float_format="%.6g").encode())
 
 
-def write_table(sweep_dir: str | Path) -> Path:
-    """Build and write ``table.csv`` into ``sweep_dir``."""
-    return write_csv(build_table(sweep_dir), Path(sweep_dir) / TABLE_NAME)
-
-
 # ------------------------------------------------------------------------------------ for people
 
 
@@ -156,24 +151,3 @@ def print_summary(df: pd.DataFrame, file=sys.stdout) -> None:
         line = format_row(row) if row.get("status") == "ok" else (
             f"FAILED {row.get('schedule')} N={fmt(row.get('interval'))}: {row.get('error')}")
         print(f"  [{row.get('job')}] {line}", file=file)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m bench.report <sweep_dir>", file=sys.stderr)
-        return 2
-    try:
-        print(write_table(argv[0]))
-        from bench.tables import render
-
-        for out in render(argv[0]):
-            print(out)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from bench.options import Schedule
+from bench.core.options import Schedule
 
 SCHEDULES = Schedule.names()  # uniform, nonuniform, none
 

@@ -1,0 +1,1 @@
+"""Cost: MACs counting, timing under load, and the cost record of a cached run."""

@@ -1,0 +1,28 @@
+"""``python -m bench.report <sweep_dir>``: rebuild a sweep's ``table.csv`` and paper table
+from its run records."""
+
+from __future__ import annotations
+
+import sys
+
+from bench.report.sweep import write_tables
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m bench.report <sweep_dir>", file=sys.stderr)
+        return 2
+    try:
+        tables = write_tables(argv[0])
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(tables.path)
+    for out in tables.paper:
+        print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sampling: the denoising loop, the image store, and generating images into it."""
