@@ -38,8 +38,12 @@ def register() -> None:
     cs.store(group="schemas", name="metrics", node=schemas.MetricsConfig)
     from hydra.core.plugins import Plugins
 
-    from hydra_plugins.deepcache_bench.search_sweeper import SearchSweeper  # hydra/sweeper=search
-    from hydra_plugins.deepcache_bench.table_sweeper import TableSweeper  # also stores hydra/sweeper=table
+    from hydra_plugins.deepcache_bench.search_sweeper import (
+        SearchSweeper,  # hydra/sweeper=search
+    )
+    from hydra_plugins.deepcache_bench.table_sweeper import (
+        TableSweeper,  # also stores hydra/sweeper=table
+    )
 
     Plugins.instance().register(TableSweeper)  # whether or not Hydra's plugin scan finds it
     Plugins.instance().register(SearchSweeper)

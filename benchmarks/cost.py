@@ -29,6 +29,7 @@ import torch
 
 from bench.cost import measure
 from bench.models import loading as models
+from bench.run.parts import model_spec, resolve
 from bench.caching.engine import CacheSettings, DeepCache, deepcache
 from bench.report.records import environment, write_json_atomic
 
@@ -54,11 +55,11 @@ def speedup(repeats: int = 5) -> dict[str, Any]:
             cfg = _cfg("model=ddpm_cifar10", "model.weights=random", "sampler.steps=100", f"cache.interval={n}",
                        "cache.branch=3", "run.timing=calls", f"run.timing_batch_size={batch}",
                        f"run.timing_repeats={repeats}", "run.timing_warmup=1")
-            loaded = models.load_model(cfg.model)
-            settings = models.cache_settings(cfg.cache, cfg.model)
+            p = resolve(cfg)
+            loaded, settings = models.load_model(p.model), p.cache
             plan = settings.full_calls(100)
-            macs = measure.macs_record(loaded, cfg.model, settings, plan, 100)
-            t, details = measure.timing_record(loaded, cfg, settings, plan, 100)
+            macs = measure.macs_record(loaded, p.model, settings, plan, 100)
+            t, details = measure.timing_record(loaded, p.model, p.sampler, p.timing, settings, plan, 100)
             rows.append({"batch": batch, "N": n, "predicted": macs["macs_predicted_speedup"],
                          "measured": t["speedup"], "pm": t["speedup_pm"],
                          "ratio": t["speedup"] / macs["macs_predicted_speedup"],
@@ -70,7 +71,7 @@ def speedup(repeats: int = 5) -> dict[str, Any]:
 def overhead(repeats: int = 300) -> dict[str, Any]:
     """Time of a retrieval call through the engine vs the same computation called directly."""
     cfg = _cfg("model=ddpm_cifar10", "model.weights=random")
-    unet = models.load_model(cfg.model).unet
+    unet = models.load_model(model_spec(cfg.model)).unet
     x, t = torch.randn(1, 3, 32, 32), torch.tensor(500)
     rows = []
     for branch in (1, 3, 12):
@@ -112,10 +113,10 @@ def methods(repeats: int = 5) -> dict[str, Any]:
         for method in ("loop", "calls"):
             cfg = _cfg("run.mode=cost", f"run.timing={method}", f"run.timing_batch_size={batch}",
                        f"run.timing_repeats={repeats}", "run.timing_warmup=1", "cache.interval=5")
-            loaded = models.load_model(cfg.model)
-            settings = models.cache_settings(cfg.cache, cfg.model)
+            p = resolve(cfg)
+            loaded, settings = models.load_model(p.model), p.cache
             plan = settings.full_calls(100)
-            t, details = measure.timing_record(loaded, cfg, settings, plan, 100)
+            t, details = measure.timing_record(loaded, p.model, p.sampler, p.timing, settings, plan, 100)
             rows.append({"batch": batch, "method": method, "branch": settings.branch,
                          "throughput": t["throughput"], "throughput_baseline": t["throughput_baseline"],
                          "speedup": t["speedup"], "pm": t["speedup_pm"], "raw_s": details["raw_s"]})
@@ -220,14 +221,14 @@ def gpu() -> dict[str, Any]:
         cfg = _cfg(f"model={model}", "model.weights=random", f"sampler={sampler}", f"sampler.steps={steps}",
                    f"cache.interval={n}", f"cache.branch={branch}", "run.device=cuda", f"run.dtype={dtype}",
                    "run.timing=loop", f"run.timing_batch_size={batch}", "run.timing_repeats=3", "run.timing_warmup=1")
-        loaded = models.load_model(cfg.model, "cuda", getattr(torch, dtype))
-        s = models.cache_settings(cfg.cache, cfg.model)
+        p = resolve(cfg)
+        loaded, s = models.load_model(p.model, "cuda", getattr(torch, dtype)), p.cache
         from bench.sampling import loop as sampling
 
-        calls = sampling.num_model_calls(sampling.build_scheduler(cfg.sampler, loaded.scheduler_config))
+        calls = sampling.num_model_calls(sampling.build_scheduler(p.sampler, loaded.scheduler_config))
         plan = s.full_calls(calls)
-        macs = measure.macs_record(loaded, cfg.model, s, plan, calls)
-        t, details = measure.timing_record(loaded, cfg, s, plan, calls)
+        macs = measure.macs_record(loaded, p.model, s, plan, calls)
+        t, details = measure.timing_record(loaded, p.model, p.sampler, p.timing, s, plan, calls)
         rows.append({"model": model, "sampler": f"{sampler}-{steps}", "N": n, "branch": branch, "batch": batch,
                      "dtype": dtype, "throughput_baseline": t["throughput_baseline"], "throughput": t["throughput"],
                      "speedup": t["speedup"], "pm": t["speedup_pm"], "predicted": macs["macs_predicted_speedup"],
@@ -236,7 +237,7 @@ def gpu() -> dict[str, Any]:
         torch.cuda.empty_cache()
     # exactness on the GPU in float16: N = 1 and retrieval on the full call's own input
     cfg = _cfg("model=ddpm_cifar10", "model.weights=random")
-    unet = models.load_model(cfg.model, "cuda", torch.float16).unet
+    unet = models.load_model(model_spec(cfg.model), "cuda", torch.float16).unet
     x, t = torch.randn(4, 3, 32, 32, device="cuda", dtype=torch.float16), torch.tensor(500)
     with torch.inference_mode():
         ref = unet(x, t).sample

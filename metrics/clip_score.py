@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metrics.errors import one_line
 from metrics.features import MissingWeightsError, check_images, hub_offline, iter_batches, no_tf32
 
 __all__ = [
@@ -45,13 +46,9 @@ CLIP_SCALE = 100.0  # torchmetrics CLIPScore convention
 CLIP_CLAMP = 0.0  # scores below are clamped to it
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _cached_weights(cfg: dict, cache_dir: str | os.PathLike | None = None) -> str | None:
+def _cached_weights(tag_cfg: dict, cache_dir: str | os.PathLike | None = None) -> str | None:
     """Path of the tag's weights if already on disk (Hugging Face cache or open_clip's URL cache)."""
-    hf_hub = cfg.get("hf_hub", "")
+    hf_hub = tag_cfg.get("hf_hub", "")
     if hf_hub:
         from huggingface_hub import try_to_load_from_cache
 
@@ -65,7 +62,7 @@ def _cached_weights(cfg: dict, cache_dir: str | os.PathLike | None = None) -> st
             found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
             if isinstance(found, str):
                 return found
-    url = cfg.get("url", "")
+    url = tag_cfg.get("url", "")
     if url:
         local = Path(cache_dir or "~/.cache/clip").expanduser() / os.path.basename(url)
         if local.is_file():
@@ -110,7 +107,7 @@ def resolve_clip_weights(
     except Exception as err:  # network errors come in many types; report them in one line
         raise MissingWeightsError(
             f"open_clip weights {model_name}/{pretrained} could not be downloaded from {source} "
-            f"({type(err).__name__}: {_one_line(err)}); set {CHECKPOINT_CONFIG_KEY} to a local checkpoint file"
+            f"({type(err).__name__}: {one_line(err)}); set {CHECKPOINT_CONFIG_KEY} to a local checkpoint file"
         ) from None
 
 
@@ -201,14 +198,17 @@ def clip_score(
 
 
 class ClipQuality:
-    """The CLIP-score quality of a run (``conf/quality/clip.yaml``): each image against its own prompt.
+    """The CLIP-score quality of a run (``conf/quality/clip.yaml``): each image against its own prompt;
+    a :class:`metrics.quality.QualityEvaluator`.
 
     ``quality(images, prompts)`` returns ``{"protocol", "clip_score", "clip_model", ...}``;
     the protocol ``open_clip/<model>/<weights>`` keeps different CLIP models apart in tables.
     """
 
-    min_samples = 1
     needs_prompts = True
+
+    def check_samples(self, num_samples: int) -> None:
+        """Any number of images can be scored (:class:`metrics.quality.QualityEvaluator`)."""
 
     def __init__(
         self,

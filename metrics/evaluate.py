@@ -94,7 +94,8 @@ def quality_metrics(
 
 
 class FeatureQuality:
-    """FID / sFID / IS / precision / recall of a run (``conf/quality/adm_*.yaml``), ADM protocol.
+    """FID / sFID / IS / precision / recall of a run (``conf/quality/adm_*.yaml``), ADM protocol;
+    a :class:`metrics.quality.QualityEvaluator`.
 
     ``reference`` is the reference batch (anything :func:`metrics.reference.as_reference`
     takes); when it is None the model's own ``default_reference`` is used. Both the
@@ -133,10 +134,13 @@ class FeatureQuality:
         self.is_split_size, self.k, self.batch_size = int(is_split_size), int(k), int(batch_size)
         self.cache_dir, self.device, self.progress = cache_dir, device, progress
 
-    @property
-    def min_samples(self) -> int:
-        """The fewest generated images these metrics accept (IS needs one whole split)."""
-        return self.is_split_size if "is" in self.which else 1
+    def check_samples(self, num_samples: int) -> None:
+        """IS needs at least one whole split (:class:`metrics.quality.QualityEvaluator`)."""
+        if "is" in self.which and num_samples < self.is_split_size:
+            raise ValueError(
+                f"{num_samples} images are fewer than quality.is_split_size={self.is_split_size} (Inception Score "
+                "splits; ADM: 5000): lower quality.is_split_size or drop 'is' from quality.which"
+            )
 
     def __call__(self, images: np.ndarray, prompts=None) -> dict:
         return quality_metrics(

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
+from metrics.errors import one_line
 from metrics.features import (
     INCEPTION_NAME,
     FeatureExtractor,
@@ -87,10 +88,6 @@ SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023
 
 
 INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3  # where torch-fidelity downloads the converted TF weights from
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def resolve_inception_weights(path: str | os.PathLike | None = None, progress: bool = False) -> str:
@@ -123,7 +120,7 @@ def resolve_inception_weights(path: str | os.PathLike | None = None, progress: b
     except Exception as err:  # network errors come in many types; report them in one line
         raise MissingWeightsError(
             f"Inception weights {filename} could not be downloaded from {url} ({type(err).__name__}: "
-            f"{_one_line(err)}); set {WEIGHTS_CONFIG_KEY} to a local copy"
+            f"{one_line(err)}); set {WEIGHTS_CONFIG_KEY} to a local copy"
         ) from None
     return str(cached)
 

@@ -51,9 +51,9 @@ def test_every_model_picks_a_quality_that_can_be_overridden(name):
 ])
 def test_sd_nonuniform_parameters_follow_the_prompt_set(prompts, n, expect):
     """Supp. Table 10 has one (c, p) row per prompt set; another set gets the authors' default."""
-    from bench.models import loading as models
+    from bench.run import parts
 
     cfg = compose_cfg("model=sd15", "cache.schedule=nonuniform", f"cache.interval={n}",
                       *([f"prompts={prompts}"] if prompts else []))
-    s = models.cache_settings(cfg.cache, cfg.model, cfg.run.prompts.name)
+    s = parts.cache_settings(cfg.cache, cfg.model, cfg.run.prompts.name)
     assert (s.center, s.power) == expect

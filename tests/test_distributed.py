@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -109,9 +108,8 @@ def test_a_rank_that_fails_fails_every_rank_and_rank_0_records_it(tmp_path):
 def test_an_indexed_gpu_is_refused_when_several_processes_run(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    cfg = SimpleNamespace(run=SimpleNamespace(device="cuda:1"))
     with pytest.raises(HarnessError, match=r"run.device='cuda:1' names one GPU, but 2 processes were started"):
-        distributed.setup(cfg)
+        distributed.setup("cuda:1")
 
 
 def test_one_process_is_rank_0_of_1(monkeypatch):

@@ -8,6 +8,7 @@ not belong to a layer below is a failure too, so a new sub-package is placed on 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,36 @@ def test_the_check_sees_upward_imports():
     edges = _imports("bench.caching.engine", src)
     assert edges == {"bench.run.runner", "bench.run.sweeper"}
     assert all(layer(t) > layer("bench.caching.engine") for t in edges)
+
+
+# the Hydra schemas of bench/run/config.py, and the names the whole config travelled under
+_CONFIG_TYPES = re.compile(r"\b(DictConfig|Config|ModelConfig|SamplerConfig|CacheConfig|RunSettings|MetricsConfig)\b")
+_CONFIG_NAMES = re.compile(r"^[a-z]?cfg$")
+
+
+def _config_parameters(source: str) -> list[str]:
+    """``function(parameter)`` for each parameter that is a config by name or annotation."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
+                if arg is None:
+                    continue
+                note = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+                if _CONFIG_NAMES.match(arg.arg) or _CONFIG_TYPES.search(note):
+                    out.append(f"{node.name}({arg.arg})")
+    return out
+
+
+def test_no_layer_below_the_run_layer_takes_the_config():
+    """Below the run layer functions take typed parts (bench/run/parts.py), never the Hydra
+    config or a section of it."""
+    run = layer("bench.run")
+    found = {m: _config_parameters(MODULES[m].read_text()) for m in MODULES if layer(m) < run}
+    assert not {m: f for m, f in found.items() if f}
+
+
+def test_the_config_check_sees_a_config_parameter():
+    src = "def a(cfg): pass\ndef b(x, *, model: 'DictConfig'): pass\ndef c(spec: ModelSpec, cfg_doubled: bool): pass\n"
+    assert _config_parameters(src) == ["a(cfg)", "b(model)"]

@@ -29,6 +29,7 @@ from bench.caching.engine import CacheSettings
 from bench.models.loading import LoadedModel
 from bench.caching.schedules import uniform_full_calls
 from harness import ROOT, compose_cfg
+from bench.run.parts import model_spec
 import ldm_original as lo
 
 
@@ -160,7 +161,7 @@ def test_real_yaml_gives_the_shipped_architecture_and_table1_macs():
     assert configs.class_embedder["num_embeddings"] == 1001 and configs.class_embedder["embedding_dim"] == 512
 
     mcfg = compose_cfg("model=ldm_cin256").model
-    full, retrieval = measure.call_macs(LoadedModel(unet, {}, "meta"), mcfg, CacheSettings(interval=2, branch=1))
+    full, retrieval = measure.call_macs(LoadedModel(unet, {}, "meta"), model_spec(mcfg), CacheSettings(interval=2, branch=1))
     assert full.paper / 1e9 == pytest.approx(99.82, rel=5e-3)
     table = pd.read_csv(ROOT / "results" / "paper" / "table1_imagenet_ldm4g.csv")
     rows = table[table.schedule == "uniform"]

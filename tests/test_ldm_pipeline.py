@@ -17,7 +17,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bench.sampling import generate
 from bench.models import loading as models
 from bench.sampling import loop as sampling
 from bench.core.errors import HarnessError
@@ -27,6 +26,7 @@ from bench.models.pipelines import ClassToImage, check_labels, class_labels
 from bench.run.runner import Prepared, run
 from bench.sampling.store import ImageStore
 from harness import compose_cfg, run_py
+from bench.run.parts import input_spec, model_spec, resolve
 import ldm_original as lo
 
 STEPS, N = 4, 2
@@ -84,13 +84,13 @@ def test_generation_equals_the_original_ddim_sampler_and_resumes(tiny):
 def test_context_is_the_label_row_and_uncond_the_null_row(tiny):
     root, original = tiny
     cfg = _cfg(root, "run.labels.mode=list", "run.labels.list=[3,999,0,3]")
-    pipe = ClassToImage(cfg.model, cfg.run, "cpu", torch.float32)
+    pipe = ClassToImage(model_spec(cfg.model), input_spec(cfg.run), "cpu", torch.float32)
     assert pipe.prompts_for(range(1, 3)) == [999, 0]
     cond, uncond = pipe.conditioning(range(4))
     table = original.state_dict()["cond_stage_model.embedding.weight"]
     assert torch.equal(cond["encoder_hidden_states"], table[[3, 999, 0, 3]][:, None])
     assert torch.equal(uncond["encoder_hidden_states"], table[[1000] * 4][:, None])
-    no_guidance = ClassToImage(compose_cfg(*_cfg_args(root, "model.guidance_scale=1.0")).model, cfg.run, "cpu",
+    no_guidance = ClassToImage(model_spec(compose_cfg(*_cfg_args(root, "model.guidance_scale=1.0")).model), input_spec(cfg.run), "cpu",
                                torch.float32)
     assert no_guidance.conditioning(range(2))[1] is None
 
@@ -129,9 +129,9 @@ def test_store_key_tracks_labels_and_guidance(tiny):
 
     def digest(*extra):
         cfg = _cfg(root, *extra)
-        p = Prepared(cfg)
-        pipe = ClassToImage(cfg.model, cfg.run, "cpu", torch.float32)
-        return ImageStore(root / "keys", generate.store_key(p.loaded, cfg, p.settings, p.full_calls, pipe)).dir
+        p = Prepared(resolve(cfg))
+        pipe = ClassToImage(p.parts.model, p.parts.inputs, "cpu", torch.float32)
+        return p.store(p.settings, p.full_calls, pipe, baseline=False).dir
 
     base = digest()
     others = [digest("run.labels.mode=per_class", "run.labels.per_class=1"),
@@ -184,5 +184,6 @@ def test_cost_mode_with_random_weights_needs_no_pipeline(tiny):
     rec = json.loads(run(cfg, root / "cost").read_text())
     assert rec["model_source"] == "random:0" and rec["full_calls"] == [0, 5]
     assert rec["measurements"]["macs_full_g"] > rec["measurements"]["macs_g"] > 0
-    ctx = models.random_context(cfg.model, models.load_model(cfg.model).unet, 2, seed=0)
+    m = model_spec(cfg.model)
+    ctx = models.random_context(m.conditioning, m.context_tokens, models.load_model(m).unet, 2, seed=0)
     assert ctx["encoder_hidden_states"].shape == (2, 1, 32)

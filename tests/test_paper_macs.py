@@ -16,14 +16,15 @@ from bench.models import loading as models
 from bench.caching.engine import CacheSettings
 from bench.caching.schedules import uniform_full_calls
 from harness import compose_cfg
+from bench.run.parts import model_spec
 
 PAPER = Path(__file__).resolve().parent.parent / "results" / "paper"
 
 
 def per_call(model: str, branch: int):
     cfg = compose_cfg(f"model={model}", "model.weights=random")
-    loaded = models.load_model(cfg.model)
-    return measure.call_macs(loaded, cfg.model, CacheSettings(interval=2, branch=branch))
+    loaded = models.load_model(model_spec(cfg.model))
+    return measure.call_macs(loaded, model_spec(cfg.model), CacheSettings(interval=2, branch=branch))
 
 
 def average_g(full, retrieval, interval: int, calls: int) -> float:

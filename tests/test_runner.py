@@ -22,6 +22,8 @@ from bench.models.pipelines import Pixels
 from bench.run.runner import run
 from bench.sampling.store import ImageStore
 from harness import ROOT, compose_cfg, run_py
+from bench.run.parts import cache_settings, model_spec, sampler_spec
+from bench.sampling.generate import GenerationSpec
 
 FAST = ["sampler.steps=10", "run.progress=false", "run.timing=off"]
 
@@ -29,19 +31,19 @@ FAST = ["sampler.steps=10", "run.progress=false", "run.timing=off"]
 @pytest.fixture(scope="module")
 def digits():
     cfg = compose_cfg(*FAST)
-    return cfg, models.load_model(cfg.model)
+    return cfg, models.load_model(model_spec(cfg.model))
 
 
 def _images(loaded, cfg, settings, indices, batch_size, root):
-    cfg.run.batch_size = batch_size
     store = ImageStore(root, {"test": str(root)})
-    generate.generate(loaded, cfg, settings, store, indices, Pixels())
+    gen = GenerationSpec(seed=cfg.run.seed, batch_size=batch_size, progress=False)
+    generate.generate(loaded, sampler_spec(cfg.sampler), settings, store, indices, Pixels(), gen)
     return store.load(indices)
 
 
 def test_same_seed_same_images_whatever_the_batch_size(digits, tmp_path):
     cfg, loaded = digits
-    settings = models.cache_settings(cfg.cache, cfg.model)
+    settings = cache_settings(cfg.cache, cfg.model)
     one = _images(loaded, cfg, settings, range(8), 1, tmp_path / "b1")
     eight = _images(loaded, cfg, settings, range(8), 8, tmp_path / "b8")
     assert one.dtype == np.uint8 and one.shape == (8, 16, 16, 1)
@@ -245,8 +247,9 @@ def test_hub_layout_checkpoint_loads_through_from_pretrained(tmp_path):
                       "run.timing=off", "sampler.steps=10", "cache.interval=5")
     rec = json.loads(run(cfg, tmp_path / "out").read_text())
     assert rec["model_source"] == f"{tmp_path}/ckpt"
-    loaded = models.load_model(cfg.model)
-    assert loaded.fingerprint != models.load_model(compose_cfg("model=ddpm_cifar10", "model.weights=random").model).fingerprint
+    loaded = models.load_model(model_spec(cfg.model))
+    other = models.load_model(model_spec(compose_cfg("model=ddpm_cifar10", "model.weights=random").model))
+    assert loaded.fingerprint != other.fingerprint
     for k, v in unet.state_dict().items():
         assert torch.equal(loaded.unet.state_dict()[k], v)
     assert rec["full_calls"] == [0, 5] and rec["cache"]["branch"] == 3

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from bench.models import loading as models
 from bench.cost import timing
 from bench.caching.schedules import uniform_full_calls
 from harness import compose_cfg
+from bench.run.parts import cache_settings, model_spec, sampler_spec, timing_spec
 
 
 class FakeClock:
@@ -148,7 +148,13 @@ def test_cpu_meter_sees_another_process():
 @pytest.fixture(scope="module")
 def digits():
     cfg = compose_cfg("sampler.steps=100", "run.timing_warmup=0", "run.timing_repeats=3", "cache.interval=5")
-    return cfg, models.load_model(cfg.model)
+    return cfg, models.load_model(model_spec(cfg.model))
+
+
+def _timed(loaded, cfg, settings, plan, calls, **kw):
+    """``measure.timing_record`` with the parts of ``cfg`` the runner would pass."""
+    return measure.timing_record(loaded, model_spec(cfg.model), sampler_spec(cfg.sampler), timing_spec(cfg.run),
+                                 settings, plan, calls, **kw)
 
 
 def _fake_arms(clock, durations):
@@ -163,9 +169,9 @@ def test_calls_timing_composes_the_loop_from_the_schedule(digits, monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(measure, "_call_variants",
                         _fake_arms(clock, {"full_call": 10.0, "retrieval_call": 1.0, "scheduler": 5.0}))
-    settings = models.cache_settings(cfg.cache, cfg.model)
+    settings = cache_settings(cfg.cache, cfg.model)
     plan = uniform_full_calls(100, 5)
-    m, details = measure.timing_record(loaded, cfg, settings, plan, 100, timer=clock)
+    m, details = _timed(loaded, cfg, settings, plan, 100, timer=clock)
     base, cached = 100 * 10.0 + 5.0, 20 * 10.0 + 80 * 1.0 + 5.0
     assert details["baseline_s"] == base and details["cached_s"] == cached
     assert m["speedup"] == pytest.approx(base / cached)
@@ -182,14 +188,14 @@ def test_loop_timing_ratio(digits, monkeypatch):
     clock = FakeClock()
     fns = {}
 
-    def fake_loop_fn(loaded, cfg, settings, batch):
+    def fake_loop_fn(loaded, model, sampler, settings, batch, seed=0):
         name = "cached" if settings.enabled else "baseline"
         fns[name] = clock.arm(name, lambda: 6.0 if name == "baseline" else 2.0)
         return fns[name]
 
     monkeypatch.setattr(measure, "loop_fn", fake_loop_fn)
-    settings = models.cache_settings(cfg.cache, cfg.model)
-    m, details = measure.timing_record(loaded, cfg, settings, uniform_full_calls(100, 5), 100, timer=clock)
+    settings = cache_settings(cfg.cache, cfg.model)
+    m, details = _timed(loaded, cfg, settings, uniform_full_calls(100, 5), 100, timer=clock)
     assert m["speedup"] == 3.0 and m["throughput"] == 0.5 and details["rounds"] == 3
 
 
@@ -197,11 +203,11 @@ def test_auto_picks_calls_for_long_loops_and_loop_for_short_ones(digits):
     cfg, loaded = digits
     cfg.run.timing = "auto"
     cfg.run.timing_loop_max_s = 0.0
-    assert measure.resolve_method(loaded, cfg, 100) == "calls"
+    assert measure.resolve_method(loaded, model_spec(cfg.model), timing_spec(cfg.run), 100) == "calls"
     cfg.run.timing_loop_max_s = 1e9
-    assert measure.resolve_method(loaded, cfg, 100) == "loop"
+    assert measure.resolve_method(loaded, model_spec(cfg.model), timing_spec(cfg.run), 100) == "loop"
     cfg.run.timing = "calls"
-    assert measure.resolve_method(loaded, cfg, 100) == "calls"
+    assert measure.resolve_method(loaded, model_spec(cfg.model), timing_spec(cfg.run), 100) == "calls"
 
 
 def test_real_calls_timing_on_the_digits_model(digits):
@@ -209,8 +215,8 @@ def test_real_calls_timing_on_the_digits_model(digits):
     cfg, loaded = digits
     cfg.run.timing = "calls"
     cfg.run.timing_budget_s = 2.0
-    settings = models.cache_settings(cfg.cache, cfg.model)
-    m, details = measure.timing_record(loaded, cfg, settings, uniform_full_calls(100, 5), 100)
+    settings = cache_settings(cfg.cache, cfg.model)
+    m, details = _timed(loaded, cfg, settings, uniform_full_calls(100, 5), 100)
     assert details["rounds"] >= 3 and set(details["raw_s"]) == {"full_call", "retrieval_call", "scheduler"}
     assert details["min_s"]["retrieval_call"] < details["min_s"]["full_call"]
     assert m["speedup"] > 1 and m["speedup_low"] <= m["speedup"] <= m["speedup_high"]
@@ -223,9 +229,9 @@ def test_cpu_timing_runs_with_timing_threads_and_restores_them(digits, timing_th
     cfg = cfg.copy()
     cfg.run.timing, cfg.run.timing_budget_s = "calls", 0.0
     cfg.run.timing_threads, cfg.run.threads = timing_threads, 3
-    settings = models.cache_settings(cfg.cache, cfg.model)
+    settings = cache_settings(cfg.cache, cfg.model)
     before = torch.get_num_threads()
-    _, details = measure.timing_record(loaded, cfg, settings, uniform_full_calls(100, 5), 100)
+    _, details = _timed(loaded, cfg, settings, uniform_full_calls(100, 5), 100)
     assert details["threads"] == expect and torch.get_num_threads() == before
 
 

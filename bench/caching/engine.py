@@ -37,7 +37,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from bench.caching.schedules import SCHEDULES, ScheduleError, full_calls as schedule_full_calls
+from bench.caching.schedules import SCHEDULES, ScheduleError
+from bench.caching.schedules import full_calls as schedule_full_calls
+from bench.core.options import Schedule
 
 
 class CacheError(ValueError):
@@ -54,7 +56,7 @@ class CacheSettings:
 
     interval: int = 1
     branch: int = 1
-    schedule: str = "uniform"
+    schedule: str = Schedule.uniform.value
     center: float | None = None
     power: float | None = None
 
@@ -70,11 +72,11 @@ class CacheSettings:
 
     @property
     def enabled(self) -> bool:
-        return self.schedule != "none" and self.interval > 1
+        return self.schedule != Schedule.none and self.interval > 1
 
     def full_calls(self, num_calls: int) -> list[int]:
         """Planned full calls of a sampling run of ``num_calls`` model calls."""
-        schedule = self.schedule if self.enabled else "none"
+        schedule = self.schedule if self.enabled else Schedule.none.value
         return schedule_full_calls(num_calls, self.interval, schedule, self.center, self.power)
 
 
@@ -235,7 +237,7 @@ class DeepCache:
                 plan = settings.full_calls(num_calls)
             except ScheduleError as e:
                 raise CacheError(str(e)) from None
-        elif settings.enabled and settings.schedule == "nonuniform":
+        elif settings.enabled and settings.schedule == Schedule.nonuniform:
             raise CacheError("the non-uniform schedule needs num_calls (model calls per run)")
         self.state = CacheState(settings, self.skip, num_calls, plan)
         self._retrieval_unet = self._build_retrieval_view()

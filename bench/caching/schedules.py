@@ -82,17 +82,17 @@ def nonuniform_full_calls(
 def full_calls(
     num_calls: int,
     interval: int,
-    schedule: str = "uniform",
+    schedule: str = Schedule.uniform.value,
     center: float | None = None,
     power: float | None = None,
 ) -> list[int]:
     """The sorted model-call indices that run the full network for a schedule."""
-    if schedule == "none":
+    if schedule == Schedule.none:
         _check(num_calls, 1)
         return list(range(num_calls))
-    if schedule == "uniform":
+    if schedule == Schedule.uniform:
         return uniform_full_calls(num_calls, interval)
-    if schedule == "nonuniform":
+    if schedule == Schedule.nonuniform:
         if center is None or power is None:
             raise ScheduleError("the non-uniform schedule needs cache.center and cache.power")
         return nonuniform_full_calls(num_calls, interval, center, power)[0]

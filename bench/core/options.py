@@ -51,6 +51,17 @@ class DType(Choice):
     bfloat16 = "bfloat16"
 
 
+class Conditioning(Choice):
+    none = "none"  # unconditional
+    text = "text"  # prompts through a text encoder (cross-attention context)
+    class_ = "class"  # class labels through a learned embedding (one context token)
+
+
+class Output(Choice):
+    pixels = "pixels"  # the loop's samples are images in [-1, 1]
+    latents = "latents"  # decoded by model.pipeline
+
+
 class LabelMode(Choice):
     random = "random"  # uniform over the classes, drawn from sample i's own seed (the paper's protocol)
     per_class = "per_class"  # `per_class` samples of class 0, then of class 1, ... (class-balanced)

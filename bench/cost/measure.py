@@ -31,7 +31,7 @@ digits U-Net beside two busy loops, 2 cores, full call 10.1 -> 24 ms at
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import functools
 import json
 import sys
@@ -41,15 +41,31 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from bench.cost import macs
-from bench.sampling import loop as sampling
-from bench.cost import timing
 from bench.caching.engine import CacheSettings, deepcache
-from bench.models.loading import LoadedModel, random_context
-from bench.core.options import Timing, value
+from bench.core.options import Schedule, Timing, value
+from bench.cost import macs, timing
+from bench.models.loading import LoadedModel, ModelSpec, random_context
+from bench.sampling import loop as sampling
+from bench.sampling.loop import SamplerSpec
 
 
-def call_macs(loaded: LoadedModel, mcfg: Any, settings: CacheSettings) -> tuple[macs.MacCount, macs.MacCount]:
+@dataclass(frozen=True)
+class TimingSpec:
+    """How throughput is measured (``run.timing*``; see the module docstring)."""
+
+    method: str = Timing.auto.value  # auto | loop | calls | off
+    batch_size: int = 1
+    repeats: int = 5  # rounds at least
+    warmup: int = 1
+    precision: float = 0.05  # target relative half-width of the speed-up's 95 % interval
+    budget_s: float = 30.0
+    loop_max_s: float = 0.5  # auto on a CPU: whole loops only when one takes at most this
+    threads: int | None = 1  # torch threads while timing on a CPU (None: leave torch's count)
+    device: str = "cpu"
+    seed: int = 0  # of the timed inputs (noise, random conditioning)
+
+
+def call_macs(loaded: LoadedModel, model: ModelSpec, settings: CacheSettings) -> tuple[macs.MacCount, macs.MacCount]:
     """MACs of one full and one retrieval call for one image (batch 1, no CFG doubling).
 
     Counted on a meta-device copy built from the U-Net's config, so they depend only on
@@ -57,8 +73,8 @@ def call_macs(loaded: LoadedModel, mcfg: Any, settings: CacheSettings) -> tuple[
     """
     unet = loaded.unet
     config = json.dumps(dict(unet.config), sort_keys=True, default=str)
-    return _call_macs(type(unet), config, tuple(loaded.sample_shape), mcfg.conditioning,
-                      int(mcfg.context_tokens), int(settings.branch))
+    return _call_macs(type(unet), config, tuple(loaded.sample_shape), model.conditioning,
+                      int(model.context_tokens), int(settings.branch))
 
 
 @functools.lru_cache(maxsize=64)
@@ -68,8 +84,7 @@ def _call_macs(cls: type, config: str, sample_shape: tuple[int, ...], conditioni
         meta = cls.from_config(json.loads(config))
     x = torch.empty(1, *sample_shape, device="meta")
     t = torch.tensor([500], device="meta")
-    context = {"conditioning": conditioning, "context_tokens": context_tokens}
-    kwargs = {k: v.to("meta") for k, v in random_context(context, meta, 1, seed=0).items()}
+    kwargs = {k: v.to("meta") for k, v in random_context(conditioning, context_tokens, meta, 1, seed=0).items()}
     probe = CacheSettings(interval=2, branch=branch)
     with deepcache(meta, probe) as state:
         full = macs.count_macs(meta, x, t, **kwargs)
@@ -83,29 +98,28 @@ class Baseline:
     """The uncached reference of a run: the same sampler, at ``run.baseline_steps`` steps when
     set (e.g. "speed vs PLMS-50"), else at the run's own steps."""
 
-    cfg: Any  # the run's config with sampler.steps set to the baseline's
+    sampler: SamplerSpec  # the run's sampler, at the baseline's steps
     num_calls: int
     is_run: bool  # the run itself is that uncached reference
 
 
-def baseline_for(cfg: Any, loaded: LoadedModel, settings: CacheSettings, num_calls: int) -> Baseline:
-    steps = cfg.run.get("baseline_steps")
-    if steps is None or steps == cfg.sampler.steps:
-        return Baseline(cfg, num_calls, not settings.enabled)
-    bcfg = copy.deepcopy(cfg)
-    bcfg.sampler.steps = steps
-    calls = sampling.num_model_calls(sampling.build_scheduler(bcfg.sampler, loaded.scheduler_config))
-    return Baseline(bcfg, calls, False)
+def baseline_for(sampler: SamplerSpec, baseline_steps: int | None, loaded: LoadedModel, settings: CacheSettings,
+                 num_calls: int) -> Baseline:
+    if baseline_steps is None or baseline_steps == sampler.steps:
+        return Baseline(sampler, num_calls, not settings.enabled)
+    other = dataclasses.replace(sampler, steps=baseline_steps)
+    calls = sampling.num_model_calls(sampling.build_scheduler(other, loaded.scheduler_config))
+    return Baseline(other, calls, False)
 
 
 def macs_record(
-    loaded: LoadedModel, mcfg: Any, settings: CacheSettings, full_calls: list[int], num_calls: int,
+    loaded: LoadedModel, model: ModelSpec, settings: CacheSettings, full_calls: list[int], num_calls: int,
     baseline_calls: int | None = None,
 ) -> dict[str, float]:
     """MACs in G per image and model call: averaged over the run, and of one full / retrieval
     call; the whole run's MACs per image; the speed-up they predict against an uncached run of
     ``baseline_calls`` calls (default: as many as this run)."""
-    full, retrieval = call_macs(loaded, mcfg, settings)
+    full, retrieval = call_macs(loaded, model, settings)
     avg = macs.average_macs(full, retrieval, full_calls, num_calls)
     baseline_calls = num_calls if baseline_calls is None else baseline_calls
     return {
@@ -125,15 +139,19 @@ MACS_CONVENTION = (
 )
 
 
-def _inputs(loaded: LoadedModel, cfg: Any, batch: int):
+def _noise(loaded: LoadedModel, seed: int, batch: int) -> tuple[list[torch.Generator], torch.Tensor]:
+    p = next(loaded.unet.parameters())
+    gens = sampling.sample_generators(seed, range(batch))
+    return gens, sampling.initial_noise(gens, loaded.sample_shape, p.device, p.dtype)
+
+
+def _inputs(loaded: LoadedModel, model: ModelSpec, seed: int, batch: int):
     unet = loaded.unet
-    p = next(unet.parameters())
-    gens = sampling.sample_generators(cfg.run.seed, range(batch))
-    noise = sampling.initial_noise(gens, loaded.sample_shape, p.device, p.dtype)
-    cond = random_context(cfg.model, unet, batch, seed=cfg.run.seed)
+    gens, noise = _noise(loaded, seed, batch)
+    cond = random_context(model.conditioning, model.context_tokens, unet, batch, seed=seed)
     uncond = None
-    if cond and cfg.model.guidance_scale > 1:
-        uncond = random_context(cfg.model, unet, batch, seed=cfg.run.seed + 1)
+    if cond and model.guidance_scale > 1:
+        uncond = random_context(model.conditioning, model.context_tokens, unet, batch, seed=seed + 1)
     return gens, noise, cond, uncond
 
 
@@ -144,31 +162,32 @@ def _model_inputs(noise: torch.Tensor, cond: dict, uncond: dict | None) -> tuple
     return torch.cat([noise, noise]), {k: torch.cat([uncond[k], cond[k]]) for k in cond}
 
 
-def loop_fn(loaded: LoadedModel, cfg: Any, settings: CacheSettings, batch: int) -> Callable[[], torch.Tensor]:
+def loop_fn(loaded: LoadedModel, model: ModelSpec, sampler: SamplerSpec, settings: CacheSettings, batch: int,
+            seed: int = 0) -> Callable[[], torch.Tensor]:
     """One whole denoising loop of ``batch`` samples; inputs prepared outside."""
     unet = loaded.unet
-    gens, noise, cond, uncond = _inputs(loaded, cfg, batch)
+    gens, noise, cond, uncond = _inputs(loaded, model, seed, batch)
 
     def run() -> torch.Tensor:
-        scheduler = sampling.build_scheduler(cfg.sampler, loaded.scheduler_config)
+        scheduler = sampling.build_scheduler(sampler, loaded.scheduler_config)
         calls = sampling.num_model_calls(scheduler)
         with torch.inference_mode(), deepcache(unet, settings, num_calls=calls):
             return sampling.denoise(
-                unet, scheduler, noise, cond=cond, uncond=uncond, guidance_scale=cfg.model.guidance_scale,
-                generators=gens, eta=cfg.sampler.eta,
+                unet, scheduler, noise, cond=cond, uncond=uncond, guidance_scale=model.guidance_scale,
+                generators=gens, eta=sampler.eta,
             )
 
     return run
 
 
-def resolve_method(loaded: LoadedModel, cfg: Any, num_calls: int) -> str:
+def resolve_method(loaded: LoadedModel, model: ModelSpec, spec: TimingSpec, num_calls: int) -> str:
     """``run.timing`` with ``auto`` resolved (see the module docstring)."""
-    method = value(cfg.run.timing)
+    method = value(spec.method)
     if method != Timing.auto:
         return method
-    if torch.device(cfg.run.device).type == "cuda":
+    if torch.device(spec.device).type == "cuda":
         return Timing.loop.value
-    gens, noise, cond, uncond = _inputs(loaded, cfg, cfg.run.timing_batch_size)
+    gens, noise, cond, uncond = _inputs(loaded, model, spec.seed, spec.batch_size)
     x, kwargs = _model_inputs(noise, cond, uncond)
     t = torch.tensor(500, device=noise.device)
     with torch.inference_mode():
@@ -176,7 +195,7 @@ def resolve_method(loaded: LoadedModel, cfg: Any, num_calls: int) -> str:
         t0 = time.perf_counter()
         loaded.unet(x, t, **kwargs)
         estimate = num_calls * (time.perf_counter() - t0)
-    return Timing.loop.value if estimate <= cfg.run.timing_loop_max_s else Timing.calls.value
+    return Timing.loop.value if estimate <= spec.loop_max_s else Timing.calls.value
 
 
 def loop_times(num_calls: int, n_full: int, baseline_calls: int | None = None) -> Callable[[dict], tuple[Any, Any]]:
@@ -194,21 +213,22 @@ def loop_times(num_calls: int, n_full: int, baseline_calls: int | None = None) -
 
 
 def timing_record(
-    loaded: LoadedModel, cfg: Any, settings: CacheSettings, full_calls: list[int], num_calls: int,
-    baseline: Baseline | None = None, *, timer: Callable[[], float] = time.perf_counter,
+    loaded: LoadedModel, model: ModelSpec, sampler: SamplerSpec, spec: TimingSpec, settings: CacheSettings,
+    full_calls: list[int], num_calls: int, baseline: Baseline | None = None, *,
+    timer: Callable[[], float] = time.perf_counter,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Throughput of the baseline and the cached loop, the speed-up with its interval (the
     table's measurements), and the timing's details (rounds, raw times, machine load)."""
-    b = baseline or baseline_for(cfg, loaded, settings, num_calls)
-    with timing_threads(cfg.run):
-        return _timing_record(loaded, cfg, settings, full_calls, num_calls, b, timer)
+    b = baseline or baseline_for(sampler, None, loaded, settings, num_calls)
+    with timing_threads(spec):
+        return _timing_record(loaded, model, sampler, spec, settings, full_calls, num_calls, b, timer)
 
 
 @contextlib.contextmanager
-def timing_threads(run: Any) -> Iterator[None]:
-    """torch's intra-op threads set to ``run.timing_threads`` on a CPU while timing, restored after."""
-    n = run.get("timing_threads") or run.get("threads")
-    if not n or torch.device(run.device).type != "cpu":
+def timing_threads(spec: TimingSpec) -> Iterator[None]:
+    """torch's intra-op threads set to ``spec.threads`` on a CPU while timing, restored after."""
+    n = spec.threads
+    if not n or torch.device(spec.device).type != "cpu":
         yield
         return
     before = torch.get_num_threads()
@@ -220,29 +240,29 @@ def timing_threads(run: Any) -> Iterator[None]:
 
 
 def _timing_record(
-    loaded: LoadedModel, cfg: Any, settings: CacheSettings, full_calls: list[int], num_calls: int,
-    b: Baseline, timer: Callable[[], float],
+    loaded: LoadedModel, model: ModelSpec, sampler: SamplerSpec, spec: TimingSpec, settings: CacheSettings,
+    full_calls: list[int], num_calls: int, b: Baseline, timer: Callable[[], float],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    method = resolve_method(loaded, b.cfg, b.num_calls)
-    r, batch = cfg.run, cfg.run.timing_batch_size
+    method = resolve_method(loaded, model, spec, b.num_calls)
+    batch, seed = spec.batch_size, spec.seed
     common = dict(
-        warmup=r.timing_warmup, min_rounds=r.timing_repeats, precision=r.timing_precision,
-        budget_s=r.timing_budget_s, device=r.device, timer=timer,
+        warmup=spec.warmup, min_rounds=spec.repeats, precision=spec.precision,
+        budget_s=spec.budget_s, device=spec.device, timer=timer,
     )
     repeats: dict[str, int] = {}  # arm -> runs per timed region (calls)
     if method == Timing.loop:
-        uncached = CacheSettings(interval=1, branch=settings.branch, schedule="none")
-        arms = {"baseline": loop_fn(loaded, b.cfg, uncached, batch)}
+        uncached = CacheSettings(interval=1, branch=settings.branch, schedule=Schedule.none.value)
+        arms = {"baseline": loop_fn(loaded, model, b.sampler, uncached, batch, seed)}
         if not b.is_run:
-            arms["cached"] = loop_fn(loaded, cfg, settings, batch)
+            arms["cached"] = loop_fn(loaded, model, sampler, settings, batch, seed)
         run_arm = "baseline" if b.is_run else "cached"
         result = timing.time_ratio(arms, lambda t: (t["baseline"], t[run_arm]), **common)
     elif method == Timing.calls:
         probe = CacheSettings(interval=2, branch=settings.branch)
         with torch.inference_mode(), deepcache(loaded.unet, probe) as state:
-            arms = _call_variants(loaded, cfg, state, batch)
-            if b.cfg is not cfg:
-                arms["scheduler_baseline"] = _scheduler_only(loaded, b.cfg, batch)
+            arms = _call_variants(loaded, model, sampler, state, batch, seed)
+            if b.sampler != sampler:  # a baseline at other steps: its own scheduler loop
+                arms["scheduler_baseline"] = _scheduler_only(loaded, b.sampler, batch, seed)
             repeats["retrieval_call"] = _equal_length_repeats(arms["full_call"], arms["retrieval_call"], timer)
             result = timing.time_ratio(arms, loop_times(num_calls, len(full_calls), b.num_calls), repeats=repeats,
                                        **common)
@@ -309,11 +329,12 @@ def _equal_length_repeats(
     return max(1, min(cap, round(t_full / max(t_retr, 1e-9))))
 
 
-def _call_variants(loaded: LoadedModel, cfg: Any, state: Any, batch: int) -> dict[str, Callable]:
+def _call_variants(loaded: LoadedModel, model: ModelSpec, sampler: SamplerSpec, state: Any, batch: int,
+                   seed: int = 0) -> dict[str, Callable]:
     """Callables timing one full call, one retrieval call (engine attached, uniform
     1:2 plan) and one scheduler-only loop."""
     unet = loaded.unet
-    _, noise, cond, uncond = _inputs(loaded, cfg, batch)
+    _, noise, cond, uncond = _inputs(loaded, model, seed, batch)
     x, kwargs = _model_inputs(noise, cond, uncond)
     t = torch.tensor(500, device=noise.device)
 
@@ -327,17 +348,18 @@ def _call_variants(loaded: LoadedModel, cfg: Any, state: Any, batch: int) -> dic
         state.calls = 1  # call 1 of the 1:2 plan: retrieval, from what the last full call stored
         unet(x, t, **kwargs)
 
-    return {"full_call": full_call, "retrieval_call": retrieval_call, "scheduler": _scheduler_only(loaded, cfg, batch)}
+    return {"full_call": full_call, "retrieval_call": retrieval_call,
+            "scheduler": _scheduler_only(loaded, sampler, batch, seed)}
 
 
-def _scheduler_only(loaded: LoadedModel, cfg: Any, batch: int) -> Callable[[], None]:
-    """One sampling loop of ``cfg.sampler`` with a model that returns zeros: the scheduler's own time."""
-    gens, noise, _, _ = _inputs(loaded, cfg, batch)
+def _scheduler_only(loaded: LoadedModel, sampler: SamplerSpec, batch: int, seed: int = 0) -> Callable[[], None]:
+    """One sampling loop of ``sampler`` with a model that returns zeros: the scheduler's own time."""
+    gens, noise = _noise(loaded, seed, batch)
     zero = _Zero(torch.zeros_like(noise))
 
     def scheduler_only():
-        scheduler = sampling.build_scheduler(cfg.sampler, loaded.scheduler_config)
-        sampling.denoise(lambda *a, **k: zero, scheduler, noise, generators=gens, eta=cfg.sampler.eta)
+        scheduler = sampling.build_scheduler(sampler, loaded.scheduler_config)
+        sampling.denoise(lambda *a, **k: zero, scheduler, noise, generators=gens, eta=sampler.eta)
 
     return scheduler_only
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from bench.core.errors import HarnessError
+from bench.core.errors import HarnessError, one_line
 
 UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
@@ -74,11 +74,6 @@ class _Inert:
         pass
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _torch_load(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True``; objects other than tensors and
     containers (a Lightning checkpoint's callbacks, say) load as inert placeholders."""
@@ -87,7 +82,7 @@ def _torch_load(path: Path) -> Any:
     except pickle.UnpicklingError:
         pass
     except Exception as e:  # not a torch file, truncated archive, ...
-        raise HarnessError(f"checkpoint {str(path)!r}: cannot read it ({_first_line(e)})") from None
+        raise HarnessError(f"checkpoint {str(path)!r}: cannot read it ({one_line(e, first=True)})") from None
     find_unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
     if find_unsafe is None:
         raise HarnessError(
@@ -99,7 +94,7 @@ def _torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals(stubs):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise HarnessError(f"checkpoint {str(path)!r}: cannot read it ({_first_line(e)})") from None
+        raise HarnessError(f"checkpoint {str(path)!r}: cannot read it ({one_line(e, first=True)})") from None
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -115,7 +110,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return dict(load_file(str(p)))
         except Exception as e:
             raise HarnessError(
-                f"checkpoint {str(path)!r}: not a readable safetensors file ({_first_line(e)})"
+                f"checkpoint {str(path)!r}: not a readable safetensors file ({one_line(e, first=True)})"
             ) from None
     obj = _torch_load(p)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
@@ -136,7 +131,7 @@ def load_original_config(path: str | os.PathLike) -> dict[str, Any]:
     try:
         config = yaml.safe_load(p.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise HarnessError(f"original config {str(path)!r}: not readable YAML ({_first_line(e)})") from None
+        raise HarnessError(f"original config {str(path)!r}: not readable YAML ({one_line(e, first=True)})") from None
     if not isinstance(config, dict):
         raise HarnessError(f"original config {str(path)!r}: not a latent-diffusion config (no 'model' mapping)")
     return config
@@ -287,7 +282,10 @@ def convert_ldm(state: dict[str, torch.Tensor], original: dict[str, Any], *, che
     Raises ``HarnessError`` (one line) unless every component gets exactly its
     parameters with the right shapes and every checkpoint key is used."""
     from diffusers import UNet2DConditionModel, VQModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
 
     from bench.models.ldm import ClassEmbedder
 

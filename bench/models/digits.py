@@ -31,9 +31,9 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from bench.core.images import to_model_space, to_uint8  # noqa: F401  (re-exported)
-import torch.nn.functional as F
 
 __all__ = [
     "IMAGE_SIZE",

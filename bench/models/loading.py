@@ -18,11 +18,31 @@ from typing import Any
 
 import torch
 from hydra.utils import get_class
-from omegaconf import OmegaConf
 from torch import nn
 
 from bench.core.errors import HarnessError
-from bench.caching.engine import CacheError, CacheSettings
+from bench.core.options import Conditioning, Output, Weights, value
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model as the layers below the runner see it (resolved from ``conf/model/*.yaml``
+    by :func:`bench.run.parts.model_spec`): where its weights come from, its conditioning,
+    and what surrounds its U-Net."""
+
+    name: str
+    unet_class: str  # e.g. diffusers.UNet2DModel
+    arch: str  # shipped config directory (unet/ and scheduler/), for weights=random
+    pretrained: str | None = None  # hub id or local diffusers directory; None: not given
+    subfolder: str | None = "unet"
+    scheduler_subfolder: str | None = "scheduler"
+    weights: str = Weights.pretrained.value
+    init_seed: int = 0  # seed for weights=random
+    conditioning: str = Conditioning.none.value
+    context_tokens: int = 0
+    guidance_scale: float = 1.0
+    output: str = Output.pixels.value
+    pipeline: str | None = None  # class path of the conditioning + decoding around the U-Net
 
 
 @dataclass
@@ -52,25 +72,25 @@ def weights_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(mcfg: Any, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Build the U-Net and read the scheduler config described by a model config."""
-    cls = get_class(mcfg.unet_class)
-    if mcfg.weights == "random":
-        unet_config = cls.load_config(mcfg.arch, subfolder="unet")
+def load_model(spec: ModelSpec, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Build the U-Net and read the scheduler config of ``spec``."""
+    cls = get_class(spec.unet_class)
+    if value(spec.weights) == Weights.random:
+        unet_config = cls.load_config(spec.arch, subfolder="unet")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mcfg.init_seed)
+            torch.manual_seed(spec.init_seed)
             unet = cls.from_config(unet_config)
-        scheduler_config = _scheduler_config(mcfg.arch, "scheduler", mcfg)
-        source = f"random:{mcfg.init_seed}"
+        scheduler_config = _scheduler_config(spec.arch, "scheduler", spec.name)
+        source = f"random:{spec.init_seed}"
     else:
-        if OmegaConf.is_config(mcfg) and OmegaConf.is_missing(mcfg, "pretrained"):
+        if spec.pretrained is None:
             raise HarnessError(
-                f"model {mcfg.name} has no default weights: set model.pretrained=<hub id or local diffusers "
+                f"model {spec.name} has no default weights: set model.pretrained=<hub id or local diffusers "
                 "directory> (or model.weights=random with run.mode=cost)"
             )
-        unet = _from_pretrained(cls, mcfg.pretrained, mcfg.subfolder)
-        scheduler_config = _scheduler_config(mcfg.pretrained, mcfg.scheduler_subfolder, mcfg)
-        source = str(mcfg.pretrained)
+        unet = _from_pretrained(cls, spec.pretrained, spec.subfolder)
+        scheduler_config = _scheduler_config(spec.pretrained, spec.scheduler_subfolder, spec.name)
+        source = str(spec.pretrained)
     if next(unet.parameters()).dtype != dtype:
         unet.to(dtype=dtype)
     unet.to(device=device).eval().requires_grad_(False)
@@ -90,49 +110,28 @@ def _from_pretrained(cls: type, where: str, subfolder: str | None) -> nn.Module:
         ) from None
 
 
-def _scheduler_config(where: str, subfolder: str | None, mcfg: Any) -> dict[str, Any]:
-    from diffusers import DDPMScheduler  # any scheduler class reads scheduler_config.json
+def _scheduler_config(where: str, subfolder: str | None, model: str) -> dict[str, Any]:
+    from diffusers import (
+        DDPMScheduler,  # any scheduler class reads scheduler_config.json
+    )
 
     try:
         return dict(DDPMScheduler.load_config(where, subfolder=subfolder))
     except (OSError, ValueError) as e:
         raise HarnessError(
-            f"model {mcfg.name}: no scheduler config in {where!r} (subfolder {subfolder!r}): "
+            f"model {model}: no scheduler config in {where!r} (subfolder {subfolder!r}): "
             f"{e.__class__.__name__}"
         ) from None
 
 
-def cache_settings(ccfg: Any, mcfg: Any, prompt_set: str | None = None) -> CacheSettings:
-    """Resolve the cache config against the model's paper defaults.
-
-    ``cache.branch`` null -> the model's ``default_branch`` (DDPM 3, LDM 1, SD 2);
-    ``cache.center``/``cache.power`` null -> the model's per-interval table for the prompt
-    set ``prompt_set`` (supp. Table 10), else its per-interval table (supp. Table 9),
-    else its default.
-    """
-    schedule = getattr(ccfg.schedule, "value", ccfg.schedule)
-    branch = ccfg.branch if ccfg.branch is not None else mcfg.default_branch
-    center, power = ccfg.center, ccfg.power
-    if schedule == "nonuniform" and (center is None or power is None):
-        by_prompts = mcfg.get("nonuniform_by_prompts") or {}
-        table = (by_prompts.get(prompt_set) if prompt_set else None) or mcfg.nonuniform_by_interval or {}
-        params = table.get(ccfg.interval, mcfg.nonuniform_default)
-        center = params.center if center is None else center
-        power = params.power if power is None else power
-    try:
-        return CacheSettings(
-            interval=ccfg.interval, branch=branch, schedule=schedule, center=center, power=power
-        )
-    except CacheError as e:
-        raise HarnessError(str(e)) from None
-
-
-def random_context(mcfg: Any, unet: nn.Module, batch: int, seed: int) -> dict[str, torch.Tensor]:
-    """U-Net keyword inputs for conditioning, filled with seeded noise (cost runs only)."""
-    if mcfg["conditioning"] == "none":
+def random_context(conditioning: str, context_tokens: int, unet: nn.Module, batch: int,
+                   seed: int) -> dict[str, torch.Tensor]:
+    """U-Net keyword inputs for ``conditioning`` (``none``, or ``context_tokens`` tokens of the
+    U-Net's cross-attention width), filled with seeded noise (cost runs only)."""
+    if conditioning == Conditioning.none:
         return {}
     dim = unet.config.cross_attention_dim
     g = torch.Generator().manual_seed(seed)
-    ctx = torch.randn(batch, mcfg["context_tokens"], dim, generator=g)
+    ctx = torch.randn(batch, context_tokens, dim, generator=g)
     p = next(unet.parameters())
     return {"encoder_hidden_states": ctx.to(device=p.device, dtype=p.dtype)}

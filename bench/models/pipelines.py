@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,39 @@ import torch
 
 from bench.core.errors import HarnessError
 from bench.core.images import to_uint8
+from bench.core.options import LabelMode, value
 from bench.core.seeds import sample_seed
-from bench.models.loading import weights_fingerprint
+from bench.models.loading import ModelSpec, weights_fingerprint
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """Where a text-conditioned model's prompts come from (``conf/prompts/*.yaml``)."""
+
+    name: str | None = None  # the prompt set's name, e.g. coco2017
+    source: str | None = None  # .txt (one per line), .json list, or a Hugging Face dataset
+    column: str | None = None
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """The class label rule of a class-conditional model (``run.labels``)."""
+
+    mode: str = LabelMode.random.value
+    per_class: int = 50
+    list: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a pipeline conditions sample ``i`` on: prompt ``i`` or the label rule, for
+    ``num_samples`` samples under base ``seed``."""
+
+    seed: int = 0
+    num_samples: int = 1
+    prompts: PromptSpec = field(default_factory=PromptSpec)
+    labels: LabelSpec = field(default_factory=LabelSpec)
 
 
 def load_prompts(source: str, column: str | None = None, split: str | None = None) -> list[str]:
@@ -109,7 +141,8 @@ class Pixels:
 
     guidance_scale = 1.0
 
-    def __init__(self, mcfg: Any = None, rcfg: Any = None, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model: ModelSpec | None = None, inputs: InputSpec | None = None, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
         pass
 
     def key(self) -> dict[str, Any]:
@@ -132,21 +165,21 @@ class TextToImage:
     with the empty prompt.
     """
 
-    def __init__(self, mcfg: Any, rcfg: Any, device: str, dtype: torch.dtype):
-        p = rcfg.prompts
-        if p is None or p.source is None:
+    def __init__(self, model: ModelSpec, inputs: InputSpec, device: str, dtype: torch.dtype):
+        p = inputs.prompts
+        if p.source is None:
             raise HarnessError(
-                f"model {mcfg.name} is text-conditioned: set run.prompts.source "
+                f"model {model.name} is text-conditioned: set run.prompts.source "
                 "(a .txt/.json file of prompts or a Hugging Face dataset with run.prompts.column)"
             )
         self.prompts = load_prompts(p.source, p.column, p.split)
-        if rcfg.num_samples > len(self.prompts):
+        if inputs.num_samples > len(self.prompts):
             raise HarnessError(
-                f"run.num_samples={rcfg.num_samples} exceeds the {len(self.prompts)} prompts of {p.source!r}"
+                f"run.num_samples={inputs.num_samples} exceeds the {len(self.prompts)} prompts of {p.source!r}"
             )
-        self.text = TextConditioner(mcfg.pretrained, device, dtype)
-        self.decode = VaeDecoder(mcfg.pretrained, device, dtype)
-        self.guidance_scale = mcfg.guidance_scale
+        self.text = TextConditioner(model.pretrained, device, dtype)
+        self.decode = VaeDecoder(model.pretrained, device, dtype)
+        self.guidance_scale = model.guidance_scale
         self._empty: dict[str, torch.Tensor] | None = None
 
     def key(self) -> dict[str, Any]:
@@ -173,7 +206,7 @@ class TextToImage:
 LABEL_STREAM = 0x6C61  # keeps a sample's label draw apart from its noise, which uses the same seed
 
 
-def class_labels(rule: Any, seed: int, indices: range | list[int], num_classes: int) -> list[int]:
+def class_labels(rule: LabelSpec, seed: int, indices: range | list[int], num_classes: int) -> list[int]:
     """The class label of each sample index under ``run.labels``.
 
     ``random``: uniform over ``num_classes``, drawn from sample ``i``'s own seed
@@ -184,26 +217,26 @@ def class_labels(rule: Any, seed: int, indices: range | list[int], num_classes: 
     is class ``i // per_class``; 50 per class gives a class-balanced 50k);
     ``list``: sample ``i`` is ``list[i]``.
     """
-    mode = getattr(rule.mode, "value", rule.mode)
-    if mode == "random":
+    mode = value(rule.mode)
+    if mode == LabelMode.random:
         return [int(np.random.default_rng([sample_seed(seed, i), LABEL_STREAM]).integers(num_classes))
                 for i in indices]
-    if mode == "per_class":
+    if mode == LabelMode.per_class:
         return [i // rule.per_class for i in indices]
     return [int(rule.list[i]) for i in indices]
 
 
-def check_labels(rule: Any, num_samples: int, num_classes: int) -> None:
+def check_labels(rule: LabelSpec, num_samples: int, num_classes: int) -> None:
     """Fail before generating when ``run.labels`` cannot label ``num_samples`` samples."""
-    mode = getattr(rule.mode, "value", rule.mode)
-    if mode == "per_class":
+    mode = value(rule.mode)
+    if mode == LabelMode.per_class:
         if rule.per_class < 1:
             raise HarnessError(f"run.labels.per_class must be >= 1, got {rule.per_class}")
         if num_samples > rule.per_class * num_classes:
             raise HarnessError(
                 f"run.num_samples={num_samples} exceeds run.labels.per_class={rule.per_class} x {num_classes} classes"
             )
-    elif mode == "list":
+    elif mode == LabelMode.list:
         if num_samples > len(rule.list):
             raise HarnessError(f"run.num_samples={num_samples} exceeds the {len(rule.list)} labels of run.labels.list")
         bad = sorted({int(y) for y in rule.list[:num_samples] if not 0 <= int(y) < num_classes})
@@ -241,31 +274,31 @@ class ClassToImage:
     (``scripts/latent_imagenet_diffusion.ipynb``: unconditional label 1000).
     """
 
-    def __init__(self, mcfg: Any, rcfg: Any, device: str, dtype: torch.dtype):
+    def __init__(self, model: ModelSpec, inputs: InputSpec, device: str, dtype: torch.dtype):
         from bench.models.ldm import SUBFOLDER, ClassEmbedder
 
-        self.rule = rcfg.labels
-        self.seed = rcfg.seed
-        self.embedder = _from_pretrained(ClassEmbedder, mcfg.pretrained, SUBFOLDER)
+        self.rule = inputs.labels
+        self.seed = inputs.seed
+        self.embedder = _from_pretrained(ClassEmbedder, model.pretrained, SUBFOLDER)
         self.embedder.to(device=device).eval().requires_grad_(False)
         self.dtype = dtype
         self.num_classes = self.embedder.config.num_classes
         self.null_class = self.embedder.config.null_class
-        check_labels(self.rule, rcfg.num_samples, self.num_classes)
-        self.guidance_scale = mcfg.guidance_scale
+        check_labels(self.rule, inputs.num_samples, self.num_classes)
+        self.guidance_scale = model.guidance_scale
         if self.guidance_scale > 1 and self.null_class is None:
             raise HarnessError(
                 f"model.guidance_scale={self.guidance_scale} needs a null class, which the class embedding of "
-                f"{mcfg.pretrained!r} lacks; set model.guidance_scale=1"
+                f"{model.pretrained!r} lacks; set model.guidance_scale=1"
             )
-        self.decode = VqDecoder(mcfg.pretrained, device)
+        self.decode = VqDecoder(model.pretrained, device)
 
     def key(self) -> dict[str, Any]:
-        mode = getattr(self.rule.mode, "value", self.rule.mode)
+        mode = value(self.rule.mode)
         labels: dict[str, Any] = {"mode": mode, "num_classes": self.num_classes}
-        if mode == "random":
+        if mode == LabelMode.random:
             labels["stream"] = LABEL_STREAM
-        elif mode == "per_class":
+        elif mode == LabelMode.per_class:
             labels["per_class"] = self.rule.per_class
         else:
             labels["list"] = hashlib.sha256(json.dumps([int(y) for y in self.rule.list]).encode()).hexdigest()[:16]

@@ -28,6 +28,7 @@ from bench.core.resources import PACKAGE_DIR
 from bench.report.table import build_table, fmt, load_records, write_csv
 from metrics.files import atomic_write, atomic_write_bytes
 
+
 def _paper_dirs() -> list[Path]:
     """results/paper of a checkout, else the copy installed as the package ``bench.paper``."""
     dirs = [PACKAGE_DIR.parent / "results" / "paper"]

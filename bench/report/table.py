@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from bench.core.options import Schedule
 from bench.report.records import RECORD_NAME
 from metrics.files import atomic_write_bytes
 
@@ -84,12 +85,12 @@ def build_table(sweep_dir: str | Path) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     # a baseline shared by several cached runs appears once
     key = [c for c in SETTING_COLUMNS if c in df.columns]
-    is_base = df["schedule"].eq("none") & df["status"].eq("ok")
+    is_base = df["schedule"].eq(Schedule.none.value) & df["status"].eq("ok")
     df = pd.concat([df[is_base].drop_duplicates(subset=key), df[~is_base]]).sort_index()
     df = df.dropna(axis=1, how="all")
     # measurements in the order a cached run's record lists them (a baseline has fewer)
     measured: list[str] = []
-    for r in sorted(rows, key=lambda r: r["schedule"] == "none"):
+    for r in sorted(rows, key=lambda r: r["schedule"] == Schedule.none):
         measured += [c for c in r if c in df.columns and c not in measured + SETTING_COLUMNS + TAIL_COLUMNS]
     order = [c for c in SETTING_COLUMNS if c in df.columns] + measured + [c for c in TAIL_COLUMNS if c in df.columns]
     return df[order].reset_index(drop=True)
@@ -120,11 +121,11 @@ def fmt(x: Any, digits: int = 4) -> str:
 
 def format_row(row: dict[str, Any]) -> str:
     """One run in one line: what ran, speed-up ± spread, MACs, quality."""
-    if row.get("schedule") == "none":
+    if row.get("schedule") == Schedule.none:
         what = "no cache"
     else:
         what = f"{row['schedule']} N={fmt(row['interval'])} branch {fmt(row['branch'])}"
-        if row.get("schedule") == "nonuniform":
+        if row.get("schedule") == Schedule.nonuniform:
             what += f" c={fmt(row.get('center'))} p={fmt(row.get('power'))}"
     if row.get("steps") is not None:
         what = f"{row['steps']} steps, {what}"

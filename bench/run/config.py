@@ -13,7 +13,17 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
-from bench.core.options import DType, LabelMode, Mode, Schedule, Timing, Weights
+from bench.core.options import (
+    Conditioning,
+    DType,
+    LabelMode,
+    Mode,
+    Output,
+    Schedule,
+    Timing,
+    Weights,
+)
+
 
 @dataclass
 class CacheConfig:
@@ -46,7 +56,7 @@ class ModelConfig:
     weights: Weights = Weights.pretrained
     init_seed: int = 0  # seed for weights=random
     # conditioning of the U-Net: none | text | class; random contexts for cost runs
-    conditioning: str = "none"
+    conditioning: str = Conditioning.none.value  # a Conditioning value ("class" is a keyword: no enum field)
     context_tokens: int = 0
     guidance_scale: float = 1.0
     default_branch: int = 1
@@ -57,7 +67,7 @@ class ModelConfig:
     nonuniform_by_prompts: dict[str, dict[int, NonUniformParams]] = field(default_factory=dict)
     # what the sampling loop produces: pixels (images in [-1, 1]) or latents, which
     # `pipeline` (a class path, e.g. bench.models.pipelines.TextToImage) conditions and decodes
-    output: str = "pixels"
+    output: Output = Output.pixels
     pipeline: Optional[str] = None
 
 

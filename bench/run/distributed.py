@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from bench.core.errors import HarnessError
+from bench.core.errors import HarnessError, one_line
 
 # generation of the slowest part of a resumed run can take this long after the fastest
 SYNC_TIMEOUT = timedelta(days=7)
@@ -89,6 +89,7 @@ class Context:
     local_rank: int = 0
     backend: str | None = None  # None: no process group (one process)
     synced: bool = False  # whether this run's sync has happened (reset by begin())
+    device: str = "cpu"  # this rank's device: run.device, with cuda -> cuda:<LOCAL_RANK> under a launcher
 
     @property
     def is_main(self) -> bool:
@@ -98,8 +99,9 @@ class Context:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def begin(self) -> "Context":
-        self.synced = False
+    def begin(self, device: str) -> "Context":
+        """This context for a new run on ``device``: not yet synced."""
+        self.synced, self.device = False, device
         return self
 
     def part(self, indices: range) -> range:
@@ -127,7 +129,7 @@ class Context:
         if self.backend is None or self.synced:
             return
         try:
-            self._exchange(("failed", _one_line(error)))
+            self._exchange(("failed", _failure(error)))
         except Exception:
             pass
 
@@ -169,23 +171,25 @@ def current() -> Context:
     return Context(rank=rank if world > 1 else 0, world_size=world, local_rank=local)
 
 
-def setup(cfg: Any) -> Context:
+def setup(run_device: str) -> Context:
     """Join the run's process group (once per process) and put this rank on its device.
 
-    ``run.device=cuda`` becomes ``cuda:<LOCAL_RANK>`` in ``cfg``; a device with an index
-    is refused when several processes run, since they would share one GPU."""
+    The context's ``device`` is ``run_device``, except that ``cuda`` becomes
+    ``cuda:<LOCAL_RANK>`` under a launcher; a device with an index is refused when several
+    processes run, since they would share one GPU. The caller's settings are not changed."""
     global _CONTEXT
     rank, world, local = env_rank()
     if world <= 1:
         _CONTEXT = Context()
-        return _CONTEXT.begin()
+        return _CONTEXT.begin(str(run_device))
     import torch
 
-    device = torch.device(str(cfg.run.device))
+    device = torch.device(str(run_device))
+    mine = str(run_device)
     if device.type == "cuda":
         if device.index is not None:
             raise HarnessError(
-                f"run.device={cfg.run.device!r} names one GPU, but {world} processes were started: "
+                f"run.device={run_device!r} names one GPU, but {world} processes were started: "
                 "use run.device=cuda (each process takes cuda:<LOCAL_RANK>)"
             )
         if local >= torch.cuda.device_count():
@@ -193,7 +197,7 @@ def setup(cfg: Any) -> Context:
                 f"LOCAL_RANK={local} but only {torch.cuda.device_count()} CUDA devices are visible: "
                 "start at most one process per GPU (--nproc-per-node)"
             )
-        cfg.run.device = f"cuda:{local}"
+        mine = f"cuda:{local}"
         torch.cuda.set_device(local)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if _CONTEXT is None or _CONTEXT.backend is None:
@@ -201,10 +205,10 @@ def setup(cfg: Any) -> Context:
         _CONTEXT = Context(rank=rank, world_size=world, local_rank=local, backend=backend)
     elif _CONTEXT.backend != backend:
         raise HarnessError(
-            f"run.device={cfg.run.device!r} needs the {backend} backend, but this process group uses "
+            f"run.device={run_device!r} needs the {backend} backend, but this process group uses "
             f"{_CONTEXT.backend}: one device type per torchrun command"
         )
-    return _CONTEXT.begin()
+    return _CONTEXT.begin(mine)
 
 
 def _init_process_group(backend: str, rank: int, world: int, local: int) -> None:
@@ -280,8 +284,7 @@ def prepare_launch(argv: list[str]) -> list[str]:
     return extra
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    if isinstance(e, HarnessError):
-        return text or type(e).__name__
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+def _failure(e: BaseException) -> str:
+    """What the other ranks are told of this rank's error: the harness's own messages as they
+    are, anything else with its type."""
+    return one_line(e, typed=not isinstance(e, HarnessError))

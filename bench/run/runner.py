@@ -19,7 +19,6 @@ and writes the record.
 from __future__ import annotations
 
 import json
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -30,54 +29,49 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from bench.run import distributed
-from bench.sampling import generate
+from bench.caching.engine import CacheError, CacheSettings, DeepCache
+from bench.core.errors import HarnessError, one_line
+from bench.core.options import Mode, Output, Schedule, Timing, value
 from bench.cost import measure
 from bench.models import loading as models
-from bench.sampling import loop as sampling
-from bench.run import validate
-from bench.core.errors import HarnessError
-from bench.caching.engine import CacheError, CacheSettings, DeepCache
-from bench.core.options import Mode, value
 from bench.models.pipelines import Pixels
 from bench.report.records import environment, write_record
-from bench.sampling.store import ImageStore, shard_range
+from bench.report.table import format_row
+from bench.run import distributed, validate
+from bench.run.parts import Parts, resolve
+from bench.sampling import generate
+from bench.sampling import loop as sampling
+from bench.sampling.store import ImageStore
+from metrics.quality import QualityEvaluator
 
 
 def settings_record(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-def _dtype(name: Any) -> torch.dtype:
-    return getattr(torch, value(name))
-
-
-def _setup(cfg: Any) -> None:
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-
-
 class Prepared:
-    """Everything a mode needs: model, resolved cache settings, the plan."""
+    """Everything a mode needs: the run's parts, the model, the plan of full calls, the baseline."""
 
-    def __init__(self, cfg: Any):
-        self.loaded = models.load_model(cfg.model, cfg.run.device, _dtype(cfg.run.dtype))
-        self.settings = models.cache_settings(cfg.cache, cfg.model, cfg.run.prompts.name)
-        scheduler = sampling.build_scheduler(cfg.sampler, self.loaded.scheduler_config)
+    def __init__(self, parts: Parts):
+        self.parts = parts
+        self.loaded = models.load_model(parts.model, parts.device, getattr(torch, parts.dtype))
+        self.settings = parts.cache
+        scheduler = sampling.build_scheduler(parts.sampler, self.loaded.scheduler_config)
         self.num_calls = sampling.num_model_calls(scheduler)
         try:  # validates branch and schedule against this model and this sampler
             plan = DeepCache(self.loaded.unet, self.settings, self.num_calls)
         except CacheError as e:
             raise HarnessError(str(e)) from None
         self.full_calls, self.skip = plan.state.plan, plan.skip
-        self.baseline = CacheSettings(interval=1, branch=self.settings.branch, schedule="none")
-        self.reference = measure.baseline_for(cfg, self.loaded, self.settings, self.num_calls)
+        self.baseline = CacheSettings(interval=1, branch=self.settings.branch, schedule=Schedule.none.value)
+        self.reference = measure.baseline_for(parts.sampler, parts.baseline_steps, self.loaded, self.settings,
+                                              self.num_calls)
 
-    def record(self, cfg: Any, mode: str) -> dict[str, Any]:
+    def record(self, settings: dict[str, Any], mode: str) -> dict[str, Any]:
         s = self.settings
         return {
             "mode": mode,
-            "settings": settings_record(cfg),
+            "settings": settings,
             "cache": {**s.__dict__, "skip_producer": self.skip.producer, "skip_consumer": self.skip.consumer},
             "model_source": self.loaded.source,
             "weights_fingerprint": self.loaded.fingerprint,
@@ -90,15 +84,22 @@ class Prepared:
         """What identifies the baseline row: uncached, at the reference's steps."""
         return {
             "cache": {**self.baseline.__dict__, "branch": None, "skip_producer": None, "skip_consumer": None},
-            "steps": self.reference.cfg.sampler.steps,
+            "steps": self.reference.sampler.steps,
             "num_model_calls": self.reference.num_calls,
         }
 
+    def store(self, settings: CacheSettings, full_calls: list[int], pipe: Any, baseline: bool) -> ImageStore:
+        """The image store of the cached run, or of its baseline (at the reference's steps)."""
+        sampler = self.reference.sampler if baseline else self.parts.sampler
+        key = generate.store_key(self.loaded, self.parts.model, sampler, settings, full_calls,
+                                 self.parts.generation, pipe)
+        return ImageStore(Path(self.parts.store_dir), key)
 
-def _cost(p: Prepared, cfg: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+
+def _cost(p: Prepared) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
     """(measurements of the cached run, of the baseline, timing details or None)."""
-    ref = p.reference
-    cached = measure.macs_record(p.loaded, cfg.model, p.settings, p.full_calls, p.num_calls, ref.num_calls)
+    ref, parts = p.reference, p.parts
+    cached = measure.macs_record(p.loaded, parts.model, p.settings, p.full_calls, p.num_calls, ref.num_calls)
     base = {
         "macs_g": cached["macs_full_g"],
         "macs_all_g": cached["macs_full_all_g"],
@@ -107,16 +108,17 @@ def _cost(p: Prepared, cfg: Any) -> tuple[dict[str, Any], dict[str, Any], dict[s
         "macs_predicted_speedup": 1.0,
     }
     details = None
-    if value(cfg.run.timing) != "off":
-        timed, details = measure.timing_record(p.loaded, cfg, p.settings, p.full_calls, p.num_calls, ref)
+    if parts.timing.method != Timing.off:
+        timed, details = measure.timing_record(p.loaded, parts.model, parts.sampler, parts.timing, p.settings,
+                                               p.full_calls, p.num_calls, ref)
         cached.update(timed)
         base.update(throughput=timed["throughput_baseline"], speedup=1.0, timing_method=timed["timing_method"],
                     timing_batch_size=timed["timing_batch_size"])
     return cached, base, details
 
 
-def _with_cost(record: dict[str, Any], p: Prepared, cfg: Any) -> dict[str, Any]:
-    cached, base, details = _cost(p, cfg)
+def _with_cost(record: dict[str, Any], p: Prepared) -> dict[str, Any]:
+    cached, base, details = _cost(p)
     record["measurements"] = {**cached, **record.get("measurements", {})}
     if not p.reference.is_run:
         record.setdefault("baseline", p.baseline_record())
@@ -127,36 +129,30 @@ def _with_cost(record: dict[str, Any], p: Prepared, cfg: Any) -> dict[str, Any]:
     return record
 
 
-def run_cost(cfg: Any) -> dict[str, Any] | None:
+def run_cost(cfg: Any, parts: Parts) -> dict[str, Any] | None:
     """Schedule, MACs and throughput of the cached sampling loop; no weights needed.
     Rank 0 only: the other ranks sync and return None."""
     ctx = distributed.current()
     ctx.sync(None)
     if not ctx.is_main:
         return None
-    p = Prepared(cfg)
-    return _with_cost(p.record(cfg, Mode.cost.value), p, cfg)
+    p = Prepared(parts)
+    return _with_cost(p.record(settings_record(cfg), Mode.cost.value), p)
 
 
-def make_pipeline(cfg: Any) -> Any:
+def make_pipeline(parts: Parts) -> Any:
     """Conditioning + decoding around the U-Net (``model.pipeline``), pixels by default."""
-    if cfg.model.pipeline is None:
-        if cfg.model.output != "pixels":
+    m = parts.model
+    if m.pipeline is None:
+        if m.output != Output.pixels:
             raise HarnessError(
-                f"model {cfg.model.name} samples {cfg.model.output} and has no model.pipeline to decode "
-                "them; use run.mode=cost"
+                f"model {m.name} samples {m.output} and has no model.pipeline to decode them; use run.mode=cost"
             )
         return Pixels()
-    return get_class(cfg.model.pipeline)(cfg.model, cfg.run, cfg.run.device, _dtype(cfg.run.dtype))
+    return get_class(m.pipeline)(m, parts.inputs, parts.device, getattr(torch, parts.dtype))
 
 
-def _indices(cfg: Any) -> range:
-    if cfg.run.shard is None:
-        return range(cfg.run.num_samples)
-    return shard_range(cfg.run.num_samples, cfg.run.shards, cfg.run.shard)
-
-
-def _generate(p: Prepared, cfg: Any, indices: range, pipe: Any) -> dict[str, Any]:
+def _generate(p: Prepared, indices: range, pipe: Any) -> dict[str, Any]:
     """Generate the baseline (unless ``run.baseline_images`` is off) and, when the run is not
     its own baseline, the run's images into the store.
 
@@ -164,14 +160,15 @@ def _generate(p: Prepared, cfg: Any, indices: range, pipe: Any) -> dict[str, Any
     (:mod:`bench.run.distributed`); the record covers ``indices``."""
     ctx = distributed.current()
     mine = ctx.part(indices)
-    root, ref = Path(cfg.run.store_dir), p.reference
+    ref, gen = p.reference, p.parts.generation
     base = base_store = cached = store = None
-    if ref.is_run or cfg.run.baseline_images:
-        base_store = ImageStore(root, generate.store_key(p.loaded, ref.cfg, p.baseline, list(range(ref.num_calls)), pipe))
-        base = generate.generate(p.loaded, ref.cfg, p.baseline, base_store, mine, pipe, desc="baseline")
+    if ref.is_run or p.parts.baseline_images:
+        base_store = p.store(p.baseline, list(range(ref.num_calls)), pipe, baseline=True)
+        base = generate.generate(p.loaded, ref.sampler, p.baseline, base_store, mine, pipe, gen, desc="baseline")
     if not ref.is_run:
-        store = ImageStore(root, generate.store_key(p.loaded, cfg, p.settings, p.full_calls, pipe))
-        cached = generate.generate(p.loaded, cfg, p.settings, store, mine, pipe, desc=f"N={p.settings.interval}")
+        store = p.store(p.settings, p.full_calls, pipe, baseline=False)
+        cached = generate.generate(p.loaded, p.parts.sampler, p.settings, store, mine, pipe, gen,
+                                   desc=f"N={p.settings.interval}")
     parts = ctx.sync({"part": [mine.start, mine.stop], "baseline": base, "cached": cached})
     record: dict[str, Any] = {"num_samples": len(indices), "sample_indices": [indices.start, indices.stop]}
     if ctx.distributed:
@@ -197,86 +194,93 @@ def _merged(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     }
 
 
-def run_generate(cfg: Any) -> dict[str, Any] | None:
+def run_generate(cfg: Any, parts: Parts) -> dict[str, Any] | None:
     """Images only (baseline and cached), into the store; no metrics, no timing.
     None on ranks > 0, after the sync."""
-    p = Prepared(cfg)
-    pipe = make_pipeline(cfg)
-    generated = _generate(p, cfg, _indices(cfg), pipe)
+    p = Prepared(parts)
+    generated = _generate(p, parts.indices, make_pipeline(parts))
     if not distributed.current().is_main:
         return None
-    return {**p.record(cfg, Mode.generate.value), **generated}
+    return {**p.record(settings_record(cfg), Mode.generate.value), **generated}
 
 
-def run_full(cfg: Any) -> dict[str, Any] | None:
+def run_full(cfg: Any, parts: Parts) -> dict[str, Any] | None:
     """Generate (baseline + cached), quality metrics for both, cost; one record.
     Ranks > 0 only generate their part and return None after the sync."""
-    p = Prepared(cfg)
-    indices = _indices(cfg)
-    evaluate = quality_evaluator(cfg)  # fails before any image is generated
-    pipe = make_pipeline(cfg)
-    generated = _generate(p, cfg, indices, pipe)
+    p = Prepared(parts)
+    indices = parts.indices
+    evaluate = quality_evaluator(cfg, parts)  # fails before any image is generated
+    pipe = make_pipeline(parts)
+    generated = _generate(p, indices, pipe)
     if not distributed.current().is_main:
         return None
-    record = {**p.record(cfg, Mode.full.value), **generated}
+    record = {**p.record(settings_record(cfg), Mode.full.value), **generated}
     prompts = pipe.prompts_for(indices)
     record["measurements"] = evaluate(ImageStore.existing(record["store"]).load(indices), prompts)
     if "store" in record.get("baseline", {}):
         base = ImageStore.existing(record["baseline"]["store"]).load(indices)
         record["baseline"]["measurements"] = evaluate(base, prompts)
-    return _with_cost(record, p, cfg)
+    return _with_cost(record, p)
 
 
-def quality_evaluator(cfg: Any) -> Callable[[Any, Any], dict[str, Any]]:
-    """The ``quality`` config instantiated: ``(images, prompts) -> measurements``; checked
-    against ``run.num_samples`` before anything is generated."""
+def quality_evaluator(cfg: Any, parts: Parts) -> Callable[[Any, Any], dict[str, Any]]:
+    """The ``quality`` config instantiated (a :class:`metrics.quality.QualityEvaluator`):
+    ``(images, prompts) -> measurements``; asked whether it can score ``run.num_samples``
+    images before anything is generated."""
     if not cfg.quality:
         raise HarnessError(
-            f"model {cfg.model.name} has no quality config (quality=adm_inception|adm_digits|clip); "
+            f"model {parts.model.name} has no quality config (quality={'|'.join(_quality_options())}); "
             "use run.mode=generate or run.mode=cost"
         )
-    evaluator = _evaluator(cfg)
-    if cfg.run.num_samples < evaluator.min_samples:
-        raise HarnessError(
-            f"run.num_samples={cfg.run.num_samples} is smaller than quality.is_split_size={evaluator.min_samples} "
-            "(Inception Score splits; ADM: 5000): lower quality.is_split_size or drop 'is' from quality.which"
-        )
+    evaluator = _evaluator(cfg, parts)
+    try:
+        evaluator.check_samples(parts.num_samples)
+    except ValueError as e:
+        raise HarnessError(f"run.num_samples={parts.num_samples} cannot be scored: {one_line(e)}") from None
 
     def evaluate(images: Any, prompts: Any) -> dict[str, Any]:
         try:
             return evaluator(images, prompts)
         except ValueError as e:
-            raise HarnessError(f"quality: {_one_line(e)}") from None
+            raise HarnessError(f"quality: {one_line(e)}") from None
 
     return evaluate
+
+
+def _quality_options() -> list[str]:
+    """The names of the ``quality`` config group (``conf/quality/*.yaml``)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return sorted(GlobalHydra.instance().config_loader().get_group_options("quality"))
+    return ["<a conf/quality/*.yaml>"]
 
 
 _LAST_EVALUATOR: dict[str, Any] = {}
 
 
-def _evaluator(cfg: Any) -> Any:
+def _evaluator(cfg: Any, parts: Parts) -> QualityEvaluator:
     """Instantiate ``cfg.quality``; the jobs of a sweep in one process share it (loading
     Inception or CLIP once), as long as its settings are the same."""
-    device = cfg.metrics.device or cfg.run.device
-    key = json.dumps([OmegaConf.to_container(cfg.quality, resolve=True), device, cfg.run.progress], default=str)
+    device = cfg.metrics.device or parts.device
+    progress = parts.generation.progress
+    key = json.dumps([OmegaConf.to_container(cfg.quality, resolve=True), device, progress], default=str)
     if key in _LAST_EVALUATOR:
         return _LAST_EVALUATOR[key]
     try:
-        evaluator = instantiate(cfg.quality, device=device, progress=cfg.run.progress, _convert_="partial")
+        evaluator = instantiate(cfg.quality, device=device, progress=progress, _convert_="partial")
     except InstantiationException as e:
         cause = e.__cause__ if e.__cause__ is not None else e
-        raise HarnessError(f"quality ({cfg.quality._target_}): {_one_line(cause)}") from None
+        raise HarnessError(f"quality ({cfg.quality._target_}): {one_line(cause)}") from None
+    if not isinstance(evaluator, QualityEvaluator):
+        raise HarnessError(f"quality ({cfg.quality._target_}) is not a quality evaluator "
+                           "(metrics.quality.QualityEvaluator: check_samples and __call__)")
     _LAST_EVALUATOR.clear()  # one at a time: a sweep over models does not pile them up
     _LAST_EVALUATOR[key] = evaluator
     return evaluator
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__
-
-
-MODES: dict[str, Callable[[Any], dict[str, Any] | None]] = {
+MODES: dict[str, Callable[[Any, Parts], dict[str, Any] | None]] = {
     Mode.full.value: run_full,
     Mode.generate.value: run_generate,
     Mode.cost.value: run_cost,
@@ -287,26 +291,32 @@ def run(cfg: Any, out_dir: str | Path) -> Path | None:
     """Execute one run described by ``cfg``; returns the path of its ``run.json``
     (None on a rank > 0 of a multi-process run, which writes no record).
 
+    The config is checked (:func:`bench.run.validate.check`), then resolved into typed
+    parts (:func:`bench.run.parts.resolve`) that the layers below take; it goes no lower.
     On failure the record is written with ``status: failed`` and the exception is
     raised again.
     """
     t0 = time.perf_counter()
     ctx = distributed.current()
+    device = str(cfg.run.device)
     try:
         validate.check(cfg)
-        ctx = distributed.setup(cfg)
-        _setup(cfg)
-        result = MODES[value(cfg.run.mode)](cfg)
+        ctx = distributed.setup(cfg.run.device)
+        device = ctx.device
+        parts = resolve(cfg, device)
+        if parts.threads:
+            torch.set_num_threads(parts.threads)
+        result = MODES[parts.mode](cfg, parts)
     except BaseException as e:
         ctx.fail(e)  # a rank that fails before the sync still joins it: the others fail too
         if ctx.is_main:
-            _write_failure(cfg, out_dir, e, time.perf_counter() - t0)
+            _write_failure(cfg, out_dir, e, time.perf_counter() - t0, device)
         raise
     if result is None:
         return None
     record = {"status": "ok", **result}
     record["wall_time_s"] = time.perf_counter() - t0
-    record["environment"] = environment(cfg.run.device)
+    record["environment"] = environment(device)
     try:
         path = write_record(out_dir, record)
     except OSError as e:
@@ -316,10 +326,9 @@ def run(cfg: Any, out_dir: str | Path) -> Path | None:
     return path
 
 
-def _write_failure(cfg: Any, out_dir: str | Path, error: BaseException, wall: float) -> None:
-    message = _one_line(error) if isinstance(error, HarnessError) else (
-        "interrupted" if isinstance(error, KeyboardInterrupt)
-        else f"{type(error).__name__}: {_one_line(error)}"
+def _write_failure(cfg: Any, out_dir: str | Path, error: BaseException, wall: float, device: str) -> None:
+    message = one_line(error) if isinstance(error, HarnessError) else (
+        "interrupted" if isinstance(error, KeyboardInterrupt) else one_line(error, typed=True)
     )
     record = {"status": "failed", "error": message, "mode": value(cfg.run.mode), "wall_time_s": wall}
     try:
@@ -328,7 +337,7 @@ def _write_failure(cfg: Any, out_dir: str | Path, error: BaseException, wall: fl
         record["settings"] = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
     if not isinstance(error, (HarnessError, KeyboardInterrupt)):
         record["traceback"] = traceback.format_exception(error)[-8:]
-    record["environment"] = environment(cfg.run.device)
+    record["environment"] = environment(device)
     try:
         write_record(out_dir, record)
     except OSError:
@@ -337,8 +346,6 @@ def _write_failure(cfg: Any, out_dir: str | Path, error: BaseException, wall: fl
 
 def summary(record: dict[str, Any]) -> str:
     """A few human lines: the run and its baseline, speed-up with its spread, MACs, quality."""
-    from bench.report.table import format_row
-
     lines = []
     if "baseline" in record:
         base = record["baseline"]

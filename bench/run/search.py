@@ -33,6 +33,7 @@ from typing import Any
 from omegaconf import OmegaConf, open_dict
 
 from bench.core.errors import HarnessError
+from bench.core.options import Mode, Timing, value
 from bench.report.records import write_record
 
 SWEEPER = "hydra_plugins.deepcache_bench.search_sweeper.SearchSweeper"
@@ -54,7 +55,7 @@ def check_settings(objective: Any, min_speedup: Any, speedup: Any, direction: An
         raise HarnessError(f"hydra.sweeper.min_speedup={min_speedup!r} must be a number >= 0 (1: no floor)")
     if str(direction) not in ("minimize", "maximize"):
         raise HarnessError(f"hydra.sweeper.direction={direction!r} must be minimize or maximize (one objective)")
-    if speedup == "measured" and str(timing) == "off":
+    if speedup == "measured" and value(timing) == Timing.off:
         raise HarnessError("hydra.sweeper.speedup=measured needs the run's timing: run.timing=auto|loop|calls, "
                            "or hydra.sweeper.speedup=macs")
 
@@ -90,8 +91,8 @@ def objective(cfg: Any, out_dir: str | Path, sweeper_cfg: Any) -> float:
 def _cost_only(cfg: Any) -> Any:
     cost = copy.deepcopy(cfg)
     with open_dict(cost):
-        cost.run.mode = "cost"
-        cost.run.timing = "off"
+        cost.run.mode = Mode.cost.value
+        cost.run.timing = Timing.off.value
     return cost
 
 

@@ -36,11 +36,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf, open_dict, read_write
 
-from bench.core.errors import HarnessError
-from bench.run.distributed import is_main_process
+from bench.core.errors import HarnessError, one_line
 from bench.report.records import RECORD_NAME, RECORD_VERSION
 from bench.report.sweep import write_tables
 from bench.report.table import print_summary
+from bench.run.distributed import is_main_process
 
 
 def job_overrides(params: dict[str, str] | None, grids: list[dict[str, Any]] | None,
@@ -102,7 +102,7 @@ def run_sweep(sweeper: Any, arguments: list[str]) -> Any:
             continue
         for i, r in enumerate(results):
             if r.status == JobStatus.FAILED:
-                failed.append(f"job #{start + i} ({' '.join(batch[i])}): {_first_line(r._return_value)}")
+                failed.append(f"job #{start + i} ({' '.join(batch[i])}): {one_line(r._return_value)}")
         start += len(batch)
         returns.append(results)
     if not main:
@@ -196,8 +196,3 @@ def _launcher_error(e: BaseException) -> str:
     job and say what became of it; the rest is its log)."""
     head = " ".join(" ".join(str(e).strip().splitlines()[:2]).split())
     return f"{type(e).__name__}: {head}" if head else type(e).__name__
-
-
-def _first_line(e: Any) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__

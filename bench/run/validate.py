@@ -18,11 +18,13 @@ from typing import Any, get_args, get_origin
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bench.core.errors import HarnessError
-from bench.run.config import Config
 from bench.caching.engine import CacheError, skip_table
-from bench.core.options import Mode, Weights, value
 from bench.caching.schedules import ScheduleError
+from bench.core.errors import HarnessError
+from bench.core.options import Conditioning, Mode, Weights, value
+from bench.run import parts
+from bench.run.config import Config
+from bench.sampling import loop as sampling
 
 
 def check(cfg: Any) -> None:
@@ -33,7 +35,7 @@ def check(cfg: Any) -> None:
     model_source(cfg.model)
     if value(cfg.run.mode) == Mode.full:
         metric_files(cfg.metrics)
-    if value(cfg.run.mode) != Mode.cost and cfg.model.conditioning == "text":
+    if value(cfg.run.mode) != Mode.cost and value(cfg.model.conditioning) == Conditioning.text:
         prompt_source(cfg.run.prompts)
 
 
@@ -113,17 +115,14 @@ def run_settings(r: Any) -> None:
 
 def cache_settings(cfg: Any) -> None:
     """Interval, branch and schedule against the model's architecture and the sampler's calls."""
-    from bench.models import loading as models
-    from bench.sampling import loop as sampling
-
-    settings = models.cache_settings(cfg.cache, cfg.model, cfg.run.prompts.name)
+    settings = parts.cache_settings(cfg.cache, cfg.model, cfg.run.prompts.name)
     num_skips = _num_skips(cfg.model.unet_class, cfg.model.arch)
     if not 1 <= settings.branch <= num_skips:
         raise HarnessError(
             f"cache.branch={settings.branch} is out of range for model {cfg.model.name}: "
             f"valid branches are 1..{num_skips}"
         )
-    scheduler = sampling.build_scheduler(cfg.sampler, _arch_scheduler_config(cfg.model.arch))
+    scheduler = sampling.build_scheduler(parts.sampler_spec(cfg.sampler), _arch_scheduler_config(cfg.model.arch))
     try:
         settings.full_calls(sampling.num_model_calls(scheduler))
     except ScheduleError as e:

@@ -3,48 +3,63 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from bench.sampling import loop as sampling
 from bench.caching.engine import CacheSettings, deepcache
-from bench.models.loading import LoadedModel
+from bench.core.options import DType, Schedule
+from bench.models.loading import LoadedModel, ModelSpec
+from bench.sampling import loop as sampling
+from bench.sampling.loop import SamplerSpec
 from bench.sampling.store import ImageStore, missing_runs
 
 
+@dataclass(frozen=True)
+class GenerationSpec:
+    """How a run's images are generated: base seed, batch size, precision and device."""
+
+    seed: int = 0
+    batch_size: int = 64
+    dtype: str = DType.float32.value
+    device: str = "cpu"
+    progress: bool = True
+
+
 def store_key(
-    loaded: LoadedModel, cfg: Any, settings: CacheSettings, full_calls: list[int], pipe: Any
+    loaded: LoadedModel, model: ModelSpec, sampler: SamplerSpec, settings: CacheSettings, full_calls: list[int],
+    gen: GenerationSpec, pipe: Any,
 ) -> dict[str, Any]:
     """What changes the images: weights, sampler, cache settings, seed, dtype, prompts."""
-    s = cfg.sampler
-    cache = {"schedule": "none"}
+    cache: dict[str, Any] = {"schedule": Schedule.none.value}
     if settings.enabled:
         cache = {"branch": settings.branch, "full_calls": list(full_calls)}
     return {
-        "model": cfg.model.name,
+        "model": model.name,
         "weights": loaded.fingerprint,
         "sampler": {
-            "class": s.scheduler_class, "steps": s.steps, "eta": s.eta,
-            "kwargs": dict(s.scheduler_kwargs), "scheduler_config": loaded.scheduler_config,
+            "class": sampler.scheduler_class, "steps": sampler.steps, "eta": sampler.eta,
+            "kwargs": dict(sampler.scheduler_kwargs), "scheduler_config": loaded.scheduler_config,
         },
-        "guidance_scale": cfg.model.guidance_scale,
+        "guidance_scale": model.guidance_scale,
         "cache": cache,
-        "seed": cfg.run.seed,
-        "dtype": cfg.run.dtype,
-        "device_type": torch.device(cfg.run.device).type,
+        "seed": gen.seed,
+        "dtype": gen.dtype,
+        "device_type": torch.device(gen.device).type,
         **pipe.key(),
     }
 
 
 def generate(
     loaded: LoadedModel,
-    cfg: Any,
+    sampler: SamplerSpec,
     settings: CacheSettings,
     store: ImageStore,
     indices: range,
     pipe: Any,
+    gen: GenerationSpec,
     *,
     desc: str = "generate",
 ) -> dict[str, Any]:
@@ -58,16 +73,16 @@ def generate(
     generated, t0 = 0, time.perf_counter()
     full_calls: list[int] | None = None
     bar = tqdm(total=len(indices), initial=len(indices) - len(missing), desc=desc, unit="img",
-               disable=not cfg.run.progress, leave=False)
-    for chunk in missing_runs(missing, cfg.run.batch_size):
-        scheduler = sampling.build_scheduler(cfg.sampler, loaded.scheduler_config)
-        gens = sampling.sample_generators(cfg.run.seed, chunk)
+               disable=not gen.progress, leave=False)
+    for chunk in missing_runs(missing, gen.batch_size):
+        scheduler = sampling.build_scheduler(sampler, loaded.scheduler_config)
+        gens = sampling.sample_generators(gen.seed, chunk)
         noise = sampling.initial_noise(gens, loaded.sample_shape, p.device, p.dtype)
         cond, uncond = pipe.conditioning(chunk)
         with torch.inference_mode(), deepcache(unet, settings, num_calls=sampling.num_model_calls(scheduler)) as st:
             x = sampling.denoise(
                 unet, scheduler, noise, cond=cond, uncond=uncond, guidance_scale=pipe.guidance_scale,
-                generators=gens, eta=cfg.sampler.eta,
+                generators=gens, eta=sampler.eta,
             )
         full_calls = list(st.full_calls)
         store.write(chunk.start, pipe.decode(x))

@@ -9,24 +9,35 @@ it happens to be generated in, so results do not depend on batch size or shardin
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from hydra.utils import get_class
 from torch import nn
 
 from bench.core.errors import HarnessError
-from bench.core.seeds import sample_seed
+from bench.core.seeds import sample_seed  # noqa: F401  (sample i's seed; re-exported)
 
 
-def build_scheduler(scfg: Any, scheduler_config: dict[str, Any]):
-    """A diffusers scheduler for ``scfg`` with the model's betas, timesteps set."""
-    if scfg.steps < 1:
-        raise HarnessError(f"sampler.steps must be >= 1, got {scfg.steps}")
-    cls = get_class(scfg.scheduler_class)
-    scheduler = cls.from_config(scheduler_config, **dict(scfg.scheduler_kwargs))
-    scheduler.set_timesteps(scfg.steps)
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler (``conf/sampler/*.yaml``): a diffusers scheduler class, its options and steps."""
+
+    name: str
+    scheduler_class: str
+    steps: int
+    eta: float = 0.0
+    scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def build_scheduler(spec: SamplerSpec, scheduler_config: dict[str, Any]):
+    """A diffusers scheduler for ``spec`` with the model's betas, timesteps set."""
+    if spec.steps < 1:
+        raise HarnessError(f"sampler.steps must be >= 1, got {spec.steps}")
+    cls = get_class(spec.scheduler_class)
+    scheduler = cls.from_config(scheduler_config, **dict(spec.scheduler_kwargs))
+    scheduler.set_timesteps(spec.steps)
     return scheduler
 
 
