@@ -26,7 +26,7 @@ LAYERS = [
     ("bench.report",),  # records, tables, paper tables, the regression gate
     ("bench.run",),  # config schemas, checks, typed parts, runner, torchrun, sweeps, search
     ("hydra_plugins.deepcache_bench",),  # Hydra's sweeper plugins (thin: logic in bench.run)
-    ("bench.cli", "bench.check", "bench.convert"),  # entry points
+    ("bench.cli", "bench.check", "bench.convert", "bench.store"),  # entry points
 ]
 
 
