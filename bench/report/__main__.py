@@ -1,5 +1,9 @@
 """``python -m bench.report <sweep_dir>``: rebuild a sweep's ``table.csv`` and paper table
-from its run records."""
+from its run records.
+
+Exit status: 0 when every job the sweep launched has a record; 1 when some have none
+(the table is written all the same, their rows say ``missing``, and one line on stderr
+names them); 2 on bad input."""
 
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     print(tables.path)
     for out in tables.paper:
         print(out)
+    if tables.missing:
+        print(tables.missing_line(), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -84,7 +84,8 @@ def _key(v: Any) -> str:
 
 
 def our_rows(df: pd.DataFrame, spec: dict[str, Any]) -> pd.DataFrame:
-    """Our successful rows of this table, ``derived`` columns added, ``where`` applied."""
+    """Our successful rows of this table, ``derived`` columns added, ``where`` applied (failed
+    and missing rows are left out: the paper table shows what was measured)."""
     df = df[df["status"].eq("ok")].copy() if "status" in df else df.copy()
     for col, expr in (spec.get("derived") or {}).items():
         df[col] = df.eval(expr)
@@ -315,7 +316,10 @@ def plot(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any], p
 def render(sweep_dir: str | Path, spec: dict[str, Any] | None = None) -> list[Path]:
     """Write ``<name>.csv/.md/.tex/.png`` into ``sweep_dir``; nothing when the sweep has no table spec."""
     sweep_dir = Path(sweep_dir)
-    records = load_records(sweep_dir)
+    try:
+        records = load_records(sweep_dir)
+    except FileNotFoundError:  # every job missing: nothing of ours to show
+        return []
     spec = spec or spec_of(records)
     if not spec:
         return []

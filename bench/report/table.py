@@ -6,8 +6,13 @@ e.g. after an interrupted sweep or when the jobs ran elsewhere (SLURM), together
 the paper table of an experiment sweep (``bench.report.paper``).
 
 Columns: the settings that identify a run, then every measurement the records hold
-(whatever the quality config produced), then ``status`` (``ok`` / ``failed``),
-``error`` and ``job``. Nothing here knows which metrics exist.
+(whatever the quality config produced), then ``status`` (``ok`` / ``failed`` /
+``missing``), ``error`` and ``job``. Nothing here knows which metrics exist.
+
+Every job the sweep launched is a row (:mod:`bench.report.jobs` says which there were):
+a job that left no record -- killed at its time limit, lost with its node, never
+started, or still running -- is a ``missing`` row with the settings that are known
+of it, never a gap that makes an incomplete sweep look complete.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from bench.core.options import Schedule
+from bench.report.jobs import PlannedJob, columns_from_overrides, planned_jobs
 from bench.report.records import RECORD_NAME
 from metrics.files import atomic_write_bytes
 
@@ -32,6 +38,9 @@ SETTING_COLUMNS = [
     "center", "power", "seed", "num_samples",
 ]
 TAIL_COLUMNS = ["status", "error", "job"]
+MISSING = "missing"
+MISSING_ERROR = ("no run.json: the job was killed, lost or never started (or is still running); rerun the sweep "
+                 "command with the same hydra.sweep.dir to finish it (runs resume from the image store)")
 
 
 def _settings_row(rec: dict[str, Any], cache: dict[str, Any], arm: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -70,19 +79,53 @@ def rows_from_record(rec: dict[str, Any], job: str) -> list[dict[str, Any]]:
     return rows
 
 
-def load_records(sweep_dir: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """``(job, record)`` for every ``<sweep_dir>/<job>/run.json``, in job order."""
-    sweep_dir = Path(sweep_dir)
-    paths = sorted(sweep_dir.glob(f"*/{RECORD_NAME}"), key=lambda p: _job_key(p.parent.name))
-    if not paths:
-        raise FileNotFoundError(f"no {RECORD_NAME} under {sweep_dir}/*/")
+def missing_row(job: PlannedJob) -> dict[str, Any]:
+    """The row of a job that left no record: its settings as far as they are known (the
+    composed settings ``jobs.json`` holds, else its overrides), status ``missing``."""
+    if job.settings:
+        try:
+            settings = _settings_row({"settings": job.settings}, job.settings["cache"])
+        except (KeyError, TypeError, AttributeError):
+            settings = columns_from_overrides(job.overrides)
+    else:
+        settings = columns_from_overrides(job.overrides)
+    return {**settings, "status": MISSING, "error": MISSING_ERROR, "job": job.job}
+
+
+def _records(sweep_dir: Path) -> list[tuple[str, dict[str, Any]]]:
+    paths = sorted((p for p in sweep_dir.glob(f"*/{RECORD_NAME}") if p.is_file()),
+                   key=lambda p: _job_key(p.parent.name))
     return [(p.parent.name, json.loads(p.read_text())) for p in paths]
 
 
+def load_records(sweep_dir: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(job, record)`` for every ``<sweep_dir>/<job>/run.json``, in job order."""
+    sweep_dir = Path(sweep_dir)
+    records = _records(sweep_dir)
+    if not records:
+        raise FileNotFoundError(f"no {RECORD_NAME} under {sweep_dir}/*/")
+    return records
+
+
 def build_table(sweep_dir: str | Path) -> pd.DataFrame:
-    """One row per job (and one per distinct baseline), sorted by job number."""
-    rows = [row for job, rec in load_records(sweep_dir) for row in rows_from_record(rec, job)]
+    """One row per job (and one per distinct baseline), sorted by job number; a job the sweep
+    launched that has no record is a ``missing`` row (:func:`missing_row`). Raises
+    ``FileNotFoundError`` when the sweep has neither a record nor a known job."""
+    sweep_dir = Path(sweep_dir)
+    records = dict(_records(sweep_dir))
+    planned = {j.job: j for j in planned_jobs(sweep_dir)}
+    for job in planned.keys() - records.keys():  # a hydra.sweep.subdir deeper than one folder
+        if (path := sweep_dir / job / RECORD_NAME).is_file():
+            records[job] = json.loads(path.read_text())
+    if not records and not planned:
+        raise FileNotFoundError(f"no {RECORD_NAME} under {sweep_dir}/*/")
+    rows = []
+    for job in sorted(set(records) | set(planned), key=_job_key):
+        rows += rows_from_record(records[job], job) if job in records else [missing_row(planned[job])]
     df = pd.DataFrame(rows)
+    for col in ("schedule", "status"):
+        if col not in df:
+            df[col] = None
     # a baseline shared by several cached runs appears once
     key = [c for c in SETTING_COLUMNS if c in df.columns]
     is_base = df["schedule"].eq(Schedule.none.value) & df["status"].eq("ok")
@@ -90,7 +133,7 @@ def build_table(sweep_dir: str | Path) -> pd.DataFrame:
     df = df.dropna(axis=1, how="all")
     # measurements in the order a cached run's record lists them (a baseline has fewer)
     measured: list[str] = []
-    for r in sorted(rows, key=lambda r: r["schedule"] == Schedule.none):
+    for r in sorted(rows, key=lambda r: r.get("schedule") == Schedule.none):
         measured += [c for c in r if c in df.columns and c not in measured + SETTING_COLUMNS + TAIL_COLUMNS]
     order = [c for c in SETTING_COLUMNS if c in df.columns] + measured + [c for c in TAIL_COLUMNS if c in df.columns]
     return df[order].reset_index(drop=True)
@@ -98,6 +141,21 @@ def build_table(sweep_dir: str | Path) -> pd.DataFrame:
 
 def _job_key(name: str) -> tuple[int, str]:
     return (int(name), name) if name.isdigit() else (sys.maxsize, name)
+
+
+def missing_jobs(df: pd.DataFrame) -> list[str]:
+    """The jobs of a table that left no record, in table order."""
+    if "status" not in df:
+        return []
+    return list(dict.fromkeys(str(j) for j in df.loc[df["status"].eq(MISSING), "job"]))
+
+
+def missing_message(jobs: list[str], total: int | None = None) -> str:
+    """One line naming the jobs that left no record."""
+    of = f" of {total}" if total else ""
+    return (f"error: {len(jobs)}{of} jobs left no {RECORD_NAME} (job {', '.join(jobs)}): killed, lost or never "
+            "started; their rows in table.csv say missing, and rerunning the sweep command with the same "
+            "hydra.sweep.dir finishes them")
 
 
 def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
@@ -145,10 +203,23 @@ def format_row(row: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def print_summary(df: pd.DataFrame, file=sys.stdout) -> None:
-    """The sweep's rows, one line each, failed rows with their error."""
+def print_summary(df: pd.DataFrame, file=None) -> None:
+    """The sweep's rows, one line each, failed rows with their error, missing rows marked
+    (on ``file``, by default the ``sys.stdout`` of the moment)."""
+    file = file or sys.stdout
     for _, r in df.iterrows():
         row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-        line = format_row(row) if row.get("status") == "ok" else (
-            f"FAILED {row.get('schedule')} N={fmt(row.get('interval'))}: {row.get('error')}")
+        if row.get("status") == "ok":
+            line = format_row(row)
+        elif row.get("status") == MISSING:
+            line = f"MISSING {_what(row)}: no {RECORD_NAME} (killed, lost or never started)"
+        else:
+            line = f"FAILED {row.get('schedule')} N={fmt(row.get('interval'))}: {row.get('error')}"
         print(f"  [{row.get('job')}] {line}", file=file)
+
+
+def _what(row: dict[str, Any]) -> str:
+    """A missing row's known settings, briefly."""
+    parts = [f"{c}={fmt(row[c])}" for c in ("sampler", "steps", "schedule", "interval", "branch", "center", "power")
+             if row.get(c) is not None]
+    return " ".join(parts) or "settings unknown"

@@ -7,10 +7,14 @@ plus three things a table needs.
   command. Command-line values override a grid's value of the same key.
 * Every point of the sweep is composed and checked (:func:`bench.run.validate.check`)
   before the first job starts; bad points are listed, one line each, and nothing runs.
+  Then the list of jobs is written into the sweep directory (``jobs.json``,
+  :mod:`bench.report.jobs`), so that a job that never leaves a record is a ``missing``
+  row of the table, not a gap.
 * When the jobs are done -- also when some of them failed -- the sweep's
   ``table.csv`` is written from the run records (and any paper table the experiment
   describes is rendered). This does not depend on Hydra's end-of-multirun callback,
-  which Hydra skips when a job fails. Failed jobs are listed and the command exits 1.
+  which Hydra skips when a job fails. Failed and missing jobs are listed and the
+  command exits 1.
 
 Any Hydra launcher runs the jobs: the basic one (in this process) or the submitit
 launcher (``hydra/launcher=slurm|local``, ``conf/hydra/launcher/``). A job that
@@ -19,7 +23,7 @@ record says why. A job that ends without a result -- killed by SLURM at its time
 memory limit, a lost node -- makes the submitit launcher raise instead
 (``submitit.core.utils.UncompletedJobError``): then every job of the batch that left
 no record gets a failure record written for it, so its row is marked failed too.
-Under ``torchrun`` only rank 0 writes ``multirun.yaml`` and the table.
+Under ``torchrun`` only rank 0 writes ``multirun.yaml``, ``jobs.json`` and the table.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf, open_dict, read_write
 
 from bench.core.errors import HarnessError, one_line
+from bench.report.jobs import PlannedJob, write_jobs
 from bench.report.records import RECORD_NAME, RECORD_VERSION
 from bench.report.sweep import write_tables
 from bench.report.table import print_summary
@@ -61,14 +66,16 @@ def job_overrides(params: dict[str, str] | None, grids: list[dict[str, Any]] | N
     return jobs
 
 
-def check_jobs(sweeper: Any, jobs: list[list[str]]) -> None:
-    """Compose and check every job's config; exit 2 listing the bad ones before any runs."""
+def check_jobs(sweeper: Any, jobs: list[list[str]]) -> list[Any]:
+    """Compose and check every job's config; exit 2 listing the bad ones before any runs.
+    Returns the composed configs (Hydra's part included), in job order."""
     from bench.run.validate import check
 
     loader = sweeper.hydra_context.config_loader
-    problems = []
+    problems, cfgs = [], []
     for i, job in enumerate(jobs):
         cfg = loader.load_sweep_config(master_config=sweeper.config, sweep_overrides=list(job))
+        cfgs.append(cfg)
         try:
             check(cfg)
         except HarnessError as e:
@@ -77,18 +84,38 @@ def check_jobs(sweeper: Any, jobs: list[list[str]]) -> None:
         print("\n".join(problems), file=sys.stderr)
         print(f"error: {len(problems)} of {len(jobs)} sweep points are invalid; nothing was run", file=sys.stderr)
         sys.exit(2)
+    return cfgs
+
+
+def planned(jobs: list[list[str]], cfgs: list[Any]) -> list[PlannedJob]:
+    """What ``jobs.json`` lists: each job's folder name (``hydra.sweep.subdir`` with its job
+    number, as the launcher will set it), number, overrides and settings (as its
+    ``run.json`` will carry them; left out when they cannot be resolved up front)."""
+    from bench.run.runner import settings_record
+
+    out = []
+    for i, (job, cfg) in enumerate(zip(jobs, cfgs)):
+        with open_dict(cfg.hydra.job):
+            cfg.hydra.job.num = i
+        try:
+            settings = settings_record(_without_hydra(cfg))
+        except Exception:  # noqa: BLE001 -- the job itself will say what is wrong
+            settings = None
+        out.append(PlannedJob(str(cfg.hydra.sweep.subdir), list(job), settings, i))
+    return out
 
 
 def run_sweep(sweeper: Any, arguments: list[str]) -> Any:
     """The sweep: jobs from the grids, all checked, launched batch by batch, then the table."""
     jobs = job_overrides(sweeper.params, sweeper.grids, arguments)
-    check_jobs(sweeper, jobs)
+    cfgs = check_jobs(sweeper, jobs)
     sweeper.overrides = list(sweeper.split_overrides_to_chunks(jobs, sweeper.max_batch_size))
     sweep_dir = Path(sweeper.config.hydra.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     main = is_main_process()
     if main:
         OmegaConf.save(sweeper.config, sweep_dir / "multirun.yaml")
+        write_jobs(sweep_dir, planned(jobs, cfgs))  # before the first job: a job that leaves no record is a row
 
     returns, failed, start = [], [], 0
     while not sweeper.is_done():
@@ -107,11 +134,12 @@ def run_sweep(sweeper: Any, arguments: list[str]) -> Any:
         returns.append(results)
     if not main:
         sys.exit(1 if failed else 0)  # rank > 0 of a torchrun sweep: rank 0 writes the table
-    finish(sweep_dir)
+    missing = finish(sweep_dir)
     if failed:
         print("\n".join(f"error: {line}" for line in failed), file=sys.stderr)
         print(f"error: {len(failed)} of {len(jobs)} jobs failed; their rows in table.csv say why, "
               "and a rerun redoes only what is missing", file=sys.stderr)
+    if failed or missing:
         sys.exit(1)
     return returns
 
@@ -171,17 +199,22 @@ def _umask() -> int:
     return mask
 
 
-def finish(sweep_dir: Path) -> None:
-    """Write ``table.csv`` (and the experiment's paper table, if any) and print the rows."""
+def finish(sweep_dir: Path) -> list[str]:
+    """Write ``table.csv`` (and the experiment's paper table, if any) and print the rows.
+    Returns the jobs that left no record (their rows say ``missing``; one line on stderr
+    names them): the sweep then exits 1, as ``python -m bench.report`` does."""
     try:
         tables = write_tables(sweep_dir)
     except FileNotFoundError as e:
         print(f"table: not written ({e})", file=sys.stderr)
-        return
+        return []
     print_summary(tables.table)
     print(f"table: {tables.path}")
     for out in tables.paper:
         print(f"paper table: {out}")
+    if tables.missing:
+        print(tables.missing_line(), file=sys.stderr)
+    return tables.missing
 
 
 def _sweep_string(v: Any) -> str:

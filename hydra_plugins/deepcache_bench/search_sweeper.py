@@ -5,6 +5,12 @@ fails). The objective of a trial is :func:`bench.run.search.objective`.
 
 Optuna and its Hydra plugin (the ``search`` extra) are imported only when this sweeper
 is used, so plugin discovery works without them.
+
+Unlike the table sweeper, it writes no ``jobs.json``: Optuna proposes each trial from
+the ones before, so the trials are not known up front. The trial folders Hydra makes
+when a trial starts (``<sweep_dir>/<n>/.hydra/overrides.yaml``) are the list of jobs
+(:mod:`bench.report.jobs`): a trial that started and left no ``run.json`` is a
+``missing`` row of ``table.csv``, and the search exits 1.
 """
 
 from __future__ import annotations
@@ -70,7 +76,8 @@ class SearchSweeper(Sweeper):
         except BaseException:
             finish(sweep_dir)  # the trials done so far
             raise
-        finish(sweep_dir)
+        if finish(sweep_dir):  # a trial left no record: its row says missing
+            sys.exit(1)
         return result
 
 
