@@ -1,1 +1,1 @@
-"""Benchmarks behind the README's performance numbers: ``python -m benchmarks.<name>`` from the repository root."""
+"""Benchmarks behind the performance numbers of docs/timing.md and docs/metrics.md: ``python -m benchmarks.<name>`` from the repository root."""

@@ -1,4 +1,4 @@
-"""Benchmarks behind the README's performance numbers (not timed tests).
+"""Benchmarks behind the performance numbers of docs/timing.md and docs/metrics.md (not timed tests).
 
     python -m benchmarks.cost speedup     # measured vs MACs-predicted speed-up, CIFAR-10
     python -m benchmarks.cost overhead    # the engine's own cost on a retrieval call

@@ -168,6 +168,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, expect):
     assert expect.format(tmp=tmp_path) in err
 
 
+@pytest.mark.integration
 def test_the_module_runs_as_a_command(tmp_path):
     table = _golden()
     table.loc[_row(table, "uniform", "5"), "fid"] = "30"

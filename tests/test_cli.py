@@ -20,6 +20,7 @@ def run_cost(*overrides, tmp_path):
     return run_py(*overrides, f"hydra.run.dir={tmp_path}/out")
 
 
+@pytest.mark.integration
 def test_cost_run_writes_the_schedule(tmp_path):
     r = run_cost(*COST, "sampler.steps=100", "cache.interval=5", "cache.branch=1", "run.timing=off", tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -57,6 +58,7 @@ def _bad(r, expect: str) -> None:
         ("run.device=cuda:7", "run.device='cuda:7' but CUDA is not available"),
     ],
 )
+@pytest.mark.integration
 def test_bad_input_is_one_line(tmp_path, override, expect):
     r = run_cost(*COST, *FAST, override, tmp_path=tmp_path)
     _bad(r, expect)
@@ -81,6 +83,7 @@ def test_composition_errors_name_the_key_and_the_valid_values(tmp_path, override
     assert not (tmp_path / "out" / "run.json").exists()
 
 
+@pytest.mark.integration
 def test_reference_problems_are_caught_before_generating(tmp_path):
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(b"PK\x03\x04 not really a zip")
@@ -94,18 +97,21 @@ def test_reference_problems_are_caught_before_generating(tmp_path):
     assert not list(tmp_path.glob("store/**/samples_*.npz"))
 
 
+@pytest.mark.integration
 def test_hub_id_offline_says_how_to_pass_a_local_directory(tmp_path):
     r = run_py("model=ddpm_cifar10", *FAST, "run.mode=cost", f"hydra.run.dir={tmp_path}/o")
     _bad(r, "model.pretrained='google/ddpm-cifar10-32' is a Hugging Face hub id that is not in the local cache")
     assert "model.pretrained=/path/to/ddpm-cifar10-32" in r.stderr
 
 
+@pytest.mark.integration
 def test_missing_prompt_file_is_named(tmp_path):
     r = run_py("model=sd15", "model.weights=random", *FAST, "run.mode=generate",
                "run.prompts.source=/nonexistent.txt", f"hydra.run.dir={tmp_path}/o")
     _bad(r, "run.prompts.source='/nonexistent.txt': no such file")
 
 
+@pytest.mark.integration
 def test_a_sweep_with_a_bad_point_runs_nothing(tmp_path):
     r = run_py("-m", *COST, *FAST, "cache.interval=2,0,3", "cache.branch=1,13", f"hydra.sweep.dir={tmp_path}/sweep")
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -116,6 +122,7 @@ def test_a_sweep_with_a_bad_point_runs_nothing(tmp_path):
     assert not list(tmp_path.glob("sweep/*/run.json"))
 
 
+@pytest.mark.integration
 def test_a_job_that_fails_is_a_row_and_the_others_run(tmp_path):
     """A failure only a job can see (here: too few samples for its IS split) is recorded; the
     other jobs still run; the table marks the row; the command exits 1."""
@@ -142,6 +149,7 @@ def test_store_files_follow_the_umask(tmp_path):
     assert stat.S_IMODE((store.dir / "key.json").stat().st_mode) == 0o664
 
 
+@pytest.mark.integration
 def test_table13_sweep_writes_a_table(tmp_path):
     """The Table 13 experiment, shrunk: two branches, ten steps, two timing rounds."""
     r = run_py("-m", "experiment=table13", "sampler.steps=10", "cache.branch=1,3", "run.timing_repeats=2",

@@ -31,6 +31,7 @@ def torchrun(*args: str, cwd: Path, timeout: int = 240) -> subprocess.CompletedP
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
+@pytest.mark.integration
 def test_torchrun_two_processes_give_the_images_of_one_and_one_record(tmp_path):
     """`torchrun --nproc-per-node 2 run.py ...` without hydra.run.dir: both ranks use one
     output directory, each generates half of the samples, rank 0 alone writes run.json;
@@ -85,6 +86,7 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_a_rank_that_fails_fails_every_rank_and_rank_0_records_it(tmp_path):
     """Rank 1 fails before the sync (its store is not writable); rank 0, which generated its
     half, does not wait for it: it fails naming rank 1's error and writes the failure record.

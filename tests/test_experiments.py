@@ -84,6 +84,7 @@ def sweep(name: str, overrides: list[str], sweep_dir) -> None:
     render(sweep_dir)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_paper_table_runs_and_renders(name, tiny_sd, tmp_path):
     sweep_dir = tmp_path / "sweep"

@@ -69,6 +69,7 @@ def test_the_launcher_configs_extend_the_plugin(name, target):
         assert launcher.array_parallelism == 64 and "partition" in launcher and "signal_delay_s" in launcher
 
 
+@pytest.mark.integration
 def test_the_slurm_launcher_submits_one_array_of_one_gpu_jobs(tmp_path):
     """hydra/launcher=slurm as far as sbatch, with stand-ins for sbatch and srun that record the
     batch script: one array over the sweep's points, one GPU and the time limit per job."""
@@ -124,6 +125,7 @@ def _one_process(tmp_path: Path, *overrides: str) -> dict:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.integration
 def test_shards_as_parallel_jobs_store_the_images_of_one_process(tmp_path):
     """Two shards as two submitit jobs, as SLURM array jobs would run them."""
     r = run_py("-m", "hydra/launcher=local", "run.mode=generate", "run.shards=2", "run.shard=0,1", *SMALL,
@@ -141,6 +143,7 @@ def test_shards_as_parallel_jobs_store_the_images_of_one_process(tmp_path):
         assert np.array_equal(ImageStore.existing(mine).load(range(8)), ImageStore.existing(theirs).load(range(8)))
 
 
+@pytest.mark.integration
 def test_metrics_over_a_merged_store_regenerate_nothing_and_a_failed_job_is_a_failed_row(tmp_path):
     """The full mode over a store that holds every image (as the shard jobs leave it): of its
     two submitit jobs, one measures without generating; the other fails (an IS split larger
@@ -175,6 +178,7 @@ def _job_processes(folder: str) -> list[int]:
     return pids
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the job's process in /proc")
 def test_a_killed_job_is_a_failed_row_and_a_rerun_completes_it(tmp_path):
     """A job killed mid-run (as SLURM kills one at its time limit) leaves no result: the
@@ -213,6 +217,7 @@ def test_a_killed_job_is_a_failed_row_and_a_rerun_completes_it(tmp_path):
     assert pd.read_csv(tmp_path / "sweep" / "table.csv")["status"].tolist() == ["ok"]
 
 
+@pytest.mark.integration
 def test_without_the_baseline_a_job_generates_only_its_own_setting(tmp_path):
     """run.baseline_images=false: an array of cached jobs does not regenerate the shared
     baseline in every job; the baseline is the job with cache.interval=1, into the same store."""

@@ -1,4 +1,4 @@
-"""The package is built in layers that import only downward (README, "Architecture").
+"""The package is built in layers that import only downward (docs/architecture.md).
 
 Every import of the package's modules -- at module level or inside a function -- goes to
 the same layer or a lower one, and the import drawing has no circle. A module that does

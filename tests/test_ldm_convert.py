@@ -67,6 +67,7 @@ def converted(tiny):
     }
 
 
+@pytest.mark.integration
 def test_layout_and_manifest(converted, tiny):
     out = converted["dir"]
     for sub in ("unet", "vqvae", "class_embedder"):
@@ -80,6 +81,7 @@ def test_layout_and_manifest(converted, tiny):
     assert not list(out.parent.glob(".converted.*"))  # no temporary directory left
 
 
+@pytest.mark.integration
 def test_unet_equals_the_original_forward(converted, tiny):
     """Compared in float64, where the two agree to ~1e-15 and any mis-mapped weight or
     setting stands out (one GroupNorm's eps 1e-5 instead of 1e-6 moves the output by
@@ -139,6 +141,7 @@ def test_scheduler_is_ldms_ddim(converted, tiny):
     assert not sched.config.clip_sample and sched.config.prediction_type == "epsilon"
 
 
+@pytest.mark.integration
 def test_real_yaml_gives_the_shipped_architecture_and_table1_macs():
     """cin256-v2.yaml (CompVis/latent-diffusion) -> the config in bench/archs/ldm_cin256,
     400.9 M parameters, and main Table 1's MACs (DDIM-250, branch 1) within 0.5 %."""
@@ -178,6 +181,7 @@ class FromAnotherLibrary:
         self.best_score = torch.tensor(0.5)
 
 
+@pytest.mark.integration
 def test_pickled_objects_besides_tensors_and_safetensors_input(tmp_path, tiny, converted):
     from safetensors.torch import save_file
 
@@ -233,6 +237,7 @@ def _assert_one_line_error(err: str, *needles: str):
     ],
     ids=["unet-key", "class-embedding", "codebook", "extra-key", "ema-weights", "embedding-rows", "betas"],
 )
+@pytest.mark.integration
 def test_mismatched_checkpoint_is_one_line(tmp_path, tiny, capsys, edit, needles):
     ckpt = _edited(tmp_path, tiny, edit)
     assert convert.main(["ldm", str(ckpt), str(tiny[2]), str(tmp_path / "out")]) == 2
@@ -241,6 +246,7 @@ def test_mismatched_checkpoint_is_one_line(tmp_path, tiny, capsys, edit, needles
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
+@pytest.mark.integration
 def test_bad_input_from_the_command_line_exits_2_without_traceback(tmp_path, tiny):
     """The same one-line errors as above, from the command a user runs (an occupied
     output directory is refused before the checkpoint is read)."""

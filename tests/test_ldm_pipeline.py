@@ -57,6 +57,7 @@ def _rule(**kw):
     return OmegaConf.structured({"mode": "random", "per_class": 50, "list": [], **kw})
 
 
+@pytest.mark.integration
 def test_generation_equals_the_original_ddim_sampler_and_resumes(tiny):
     root, original = tiny
     cfg = _cfg(root, "run.mode=generate")
@@ -124,6 +125,7 @@ def test_bad_labels_are_one_line(rule, n, expect):
     assert str(e.value) == expect
 
 
+@pytest.mark.integration
 def test_store_key_tracks_labels_and_guidance(tiny):
     root, _ = tiny
 
@@ -143,6 +145,7 @@ def test_store_key_tracks_labels_and_guidance(tiny):
     assert digest("run.labels.per_class=7") == base  # unused in random mode: same images, same store
 
 
+@pytest.mark.integration
 def test_full_run_from_the_command_line_with_inception_metrics(tiny, tmp_path):
     """``python run.py model=ldm_cin256 model.pretrained=<converted>`` in full mode: the
     Inception metrics (random weights, a tiny ADM-style reference batch) of baseline

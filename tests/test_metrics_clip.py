@@ -74,6 +74,7 @@ def test_score_is_the_mean_and_carries_the_record(scorer, images):
     }
 
 
+@pytest.mark.integration
 def test_local_checkpoint_is_loaded(scorer, images, tmp_path):
     path = tmp_path / "clip.pt"
     torch.save(scorer.model.state_dict(), path)

@@ -36,6 +36,7 @@ def images():
     return np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
 
 
+@pytest.mark.integration
 def test_one_pass_gives_all_three_layers(extractor, images):
     feats = extractor.extract(images)
     assert {k: v.shape for k, v in feats.items()} == {"pool": (2, 2048), "logits": (2, 1008), "spatial": (2, 2023)}
@@ -65,6 +66,7 @@ def test_logits_are_unbiased_pool3_times_fc_weight(extractor, images):
     assert np.abs(bias).max() > 1e-3  # so the biased logits would differ
 
 
+@pytest.mark.integration
 def test_local_patch_moves_spatial_features_locally_and_pool3_little(extractor, images):
     changed = images.copy()
     changed[:, :8, :8] = 255 - changed[:, :8, :8]  # top-left quarter of each side
@@ -85,12 +87,14 @@ def test_grey_images_are_repeated_to_rgb(extractor):
         np.testing.assert_array_equal(ours[key], rgb[key])
 
 
+@pytest.mark.integration
 def test_batch_size_does_not_change_features(extractor, images):
     one, both = extractor.extract(images, batch_size=1), extractor.extract(images, batch_size=2)
     for key in one:
         np.testing.assert_allclose(one[key], both[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_cache_id_tracks_the_weights(extractor, weights, tmp_path):
     other = InceptionV3Extractor(save_random_inception_weights(tmp_path / "other.pth", seed=1), device="cpu")
     assert extractor.cache_id.startswith("inception-v3-compat@")

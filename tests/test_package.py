@@ -33,6 +33,7 @@ def wheel(tmp_path_factory):
     return site, names
 
 
+@pytest.mark.integration
 def test_the_wheel_holds_configs_architectures_assets_and_the_sweeper(wheel):
     _, names = wheel
     for model in ("ddpm_cifar10", "ddpm_church", "ddpm_bedroom", "ldm_cin256", "sd15"):
@@ -58,6 +59,7 @@ def _from_wheel(site, tmp_path, *args):
     return subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True, env=env)
 
 
+@pytest.mark.integration
 def test_a_run_and_a_sweep_from_the_wheel_outside_the_checkout(wheel, tmp_path):
     site, _ = wheel
     r = _from_wheel(site, tmp_path, *COST, "hydra.run.dir=out")
@@ -70,6 +72,7 @@ def test_a_run_and_a_sweep_from_the_wheel_outside_the_checkout(wheel, tmp_path):
     assert "accelerate" not in r.stderr  # no loading noise
 
 
+@pytest.mark.integration
 def test_the_installed_command_works_from_any_directory(tmp_path):
     exe = shutil.which("deepcache-bench")
     if exe is None:

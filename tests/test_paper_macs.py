@@ -31,6 +31,7 @@ def average_g(full, retrieval, interval: int, calls: int) -> float:
     return macs.average_macs(full, retrieval, uniform_full_calls(calls, interval), calls).paper / 1e9
 
 
+@pytest.mark.integration
 def test_ldm4g_table1_branch1_ddim250():
     full, retr = per_call("ldm_cin256", 1)
     assert full.paper / 1e9 == pytest.approx(99.82, rel=1e-3)
@@ -50,6 +51,7 @@ def test_ddpm_table2_branch3_ddim100(dataset, model):
         assert got == pytest.approx(row.macs_g, rel=1e-2), (dataset, row.interval)
 
 
+@pytest.mark.integration
 def test_cifar10_table13_branches_uniform5():
     """Within 0.5 % except branches 7 and 8 (2.1 %, 2.2 %): the paper counts U1's
     upsampler (0.121 G averaged) only from branch 9 on; see the README."""
@@ -63,6 +65,7 @@ def test_cifar10_table13_branches_uniform5():
             assert got - 0.121 == pytest.approx(row.macs_g, rel=3e-3)
 
 
+@pytest.mark.integration
 def test_sd15_full_call():
     full, _ = per_call("sd15", 2)
     assert full.paper / 1e9 == pytest.approx(338.83, rel=1e-3)

@@ -69,6 +69,7 @@ def test_same_images_for_one_or_two_shards(tmp_path):
     assert parts == [[0, 3], [3, 6]]
 
 
+@pytest.mark.integration
 def test_kill_and_resume_generates_no_sample_twice(tmp_path):
     args = ["run.mode=generate", "sampler.steps=50", "run.num_samples=24", "run.batch_size=2",
             "cache.interval=1", "run.progress=false"]
@@ -99,6 +100,7 @@ def test_kill_and_resume_generates_no_sample_twice(tmp_path):
     assert again["generation"]["generated"] == 0
 
 
+@pytest.mark.integration
 def test_default_sweep_writes_a_table_with_the_baseline(tmp_path):
     """`python run.py -m cache.interval=...` on the embedded default, shrunk for test time."""
     r = run_py(
@@ -146,6 +148,7 @@ def regression_values(tmp_path) -> dict:
     return out
 
 
+@pytest.mark.integration
 def test_regression_on_a_fixed_subset(tmp_path):
     """Pinned values (tests/data/regression_digits.json, written by
     `python tests/test_runner.py --update-regression`): a change of the engine, the
@@ -170,6 +173,7 @@ def test_regression_on_a_fixed_subset(tmp_path):
         (["hydra.run.dir={tmp}/a_file/out"], "cannot be created"),
     ],
 )
+@pytest.mark.integration
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, args, expect):
     """One line, exit != 0, no image; the run's folder holds a record saying it failed (or, when
     the folder itself cannot be made, nothing)."""
@@ -186,6 +190,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, args, expect):
         assert rec["status"] == "failed" and expect in rec["error"] and "measurements" not in rec
 
 
+@pytest.mark.integration
 def test_corrupt_weights_are_a_clear_error(tmp_path):
     bad = tmp_path / "digits"
     shutil.copytree(ROOT / "bench" / "assets" / "digits", bad)
@@ -207,6 +212,7 @@ if __name__ == "__main__" and "--update-regression" in sys.argv:
     print(json.dumps(values, indent=2))
 
 
+@pytest.mark.integration
 def test_inception_protocol_end_to_end_on_cifar10_architecture(tmp_path):
     """model=ddpm_cifar10 (random weights) through the ADM/Inception path: random
     Inception weights saved by the test and a tiny ADM-style reference batch. The cached

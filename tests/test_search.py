@@ -23,6 +23,7 @@ TINY = ["hydra/sweeper=search", "hydra.sweeper.n_trials=3", "cache.interval=5", 
         "quality.is_split_size=4", "run.timing=off", "run.progress=false", "run.threads=1"]
 
 
+@pytest.mark.integration
 def test_a_three_trial_search_scores_fid_above_the_floor_and_inf_below(tmp_path):
     r = run_py("-m", *TINY, f"run.store_dir={tmp_path}/store", f"metrics.cache_dir={tmp_path}/metrics",
                f"hydra.sweep.dir={tmp_path}/sweep")
@@ -58,6 +59,7 @@ def test_a_three_trial_search_scores_fid_above_the_floor_and_inf_below(tmp_path)
     assert table.loc[table["branch"] == 2, "fid"].isna().all() and table.loc[table["branch"] == 1, "fid"].notna().all()
 
 
+@pytest.mark.integration
 def test_a_search_space_outside_the_settings_runs_nothing(tmp_path):
     """The corners of the space are checked first: here c beyond the 10 model calls."""
     r = run_py("-m", *TINY, "cache.center=interval(0,50)", f"hydra.sweep.dir={tmp_path}/sweep")
@@ -68,6 +70,7 @@ def test_a_search_space_outside_the_settings_runs_nothing(tmp_path):
     assert not list(tmp_path.glob("sweep/*/run.json"))
 
 
+@pytest.mark.integration
 def test_a_bad_search_setting_is_one_line_and_runs_nothing(tmp_path):
     r = run_py("-m", *TINY, "hydra.sweeper.speedup=wall", f"hydra.sweep.dir={tmp_path}/sweep")
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -204,6 +204,7 @@ def test_verify_reports_repairs_and_rejects_what_is_not_a_store(tmp_path, capsys
         assert err.startswith(f"error: {arg}") and "\n" not in err
 
 
+@pytest.mark.integration
 def test_verify_as_a_user_runs_it(tmp_path):
     store = _filled(tmp_path)
     truncate(store.dir / "samples_0000064_0000128.npz")
@@ -274,6 +275,7 @@ def test_a_rerun_heals_damaged_shards_with_the_same_images(tmp_path, capsys):
     assert len(list((d / "damaged").iterdir())) == 5  # three shards, two entries (the old-style one had none)
 
 
+@pytest.mark.integration
 def test_disk_full_during_a_run_exits_2_with_one_line(tmp_path):
     """`python run.py` as a user runs it, with the store's writer finding the disk full."""
     code = (

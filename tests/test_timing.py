@@ -222,6 +222,7 @@ def test_real_calls_timing_on_the_digits_model(digits):
     assert m["speedup"] > 1 and m["speedup_low"] <= m["speedup"] <= m["speedup_high"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("timing_threads,expect", [(1, 1), (2, 2), (None, 3)])
 def test_cpu_timing_runs_with_timing_threads_and_restores_them(digits, timing_threads, expect):
     """``run.timing_threads`` (default 1; null: ``run.threads``) while timing, torch's own count after."""

@@ -25,7 +25,7 @@ op split over several threads finishes when its last thread does; on a busy mach
 a short call often runs with all its threads scheduled and a long one rarely, so
 their minima shrink unequally and the speed-up drifts with the load (measured: a
 digits U-Net beside two busy loops, 2 cores, full call 10.1 -> 24 ms at
-2 threads, 10.1 -> 11.5 ms at 1; README, "Numbers on a busy machine").
+2 threads, 10.1 -> 11.5 ms at 1; docs/timing.md, "Numbers on a busy machine").
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def _equal_length_repeats(
     The ``calls`` method times that many retrieval calls as one region: on a busy machine a
     1 ms region often runs uninterrupted and a 10 ms one rarely, so timed one by one the
     retrieval call's minimum would shrink more than the full call's and inflate the
-    speed-up (README, "Numbers on a busy machine").
+    speed-up (docs/timing.md, "Numbers on a busy machine").
     """
     def best(fn: Callable[[], Any]) -> float:
         fn()  # warm

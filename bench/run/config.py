@@ -133,7 +133,7 @@ class RunSettings:
     # torch threads while timing on a CPU (null: run.threads). One thread by default: a
     # multi-threaded op on a busy machine waits for its slowest thread to be scheduled,
     # which stretches short and long calls unequally and no estimator undoes; a single
-    # thread's minimum is its undisturbed time (README, "Numbers on a busy machine")
+    # thread's minimum is its undisturbed time (docs/timing.md, "Numbers on a busy machine")
     timing_threads: Optional[int] = 1
     progress: bool = True
     prompts: PromptsConfig = field(default_factory=PromptsConfig)

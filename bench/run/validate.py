@@ -158,7 +158,7 @@ def model_source(m: Any) -> None:
         return
     if OmegaConf.is_missing(m, "pretrained"):
         raise HarnessError(
-            f"model {m.name} needs model.pretrained: a local diffusers directory (see README), "
+            f"model {m.name} needs model.pretrained: a local diffusers directory (see docs/models.md), "
             "or use model.weights=random for run.mode=cost"
         )
     where = str(m.pretrained)
