@@ -40,7 +40,7 @@ from bench.core.errors import HarnessError
 from bench.caching.engine import CacheError, CacheSettings, DeepCache
 from bench.core.options import Mode, value
 from bench.models.pipelines import Pixels
-from bench.report.records import environment, write_record
+from bench.report.records import cache_section, environment, write_record
 from bench.sampling.store import ImageStore, shard_range
 
 
@@ -78,7 +78,7 @@ class Prepared:
         return {
             "mode": mode,
             "settings": settings_record(cfg),
-            "cache": {**s.__dict__, "skip_producer": self.skip.producer, "skip_consumer": self.skip.consumer},
+            "cache": {**cache_section(s), "skip_producer": self.skip.producer, "skip_consumer": self.skip.consumer},
             "model_source": self.loaded.source,
             "weights_fingerprint": self.loaded.fingerprint,
             "num_model_calls": self.num_calls,
