@@ -189,3 +189,24 @@ def test_ci_runs_the_tests_then_the_documented_golden_command():
     assert _run_py_overrides(ci) == _run_py_overrides(readme)
     assert "python -m bench.check $work/sweep --against results/golden/digits_subset.csv" in ci
     assert ci.index("python -m pytest") < ci.index("python run.py -m") < ci.index("python -m bench.check")
+
+
+def test_a_golden_table_lacking_a_setting_column_names_it(tmp_path, capsys):
+    """Without its interval column the golden subset's N = 2 and N = 5 rows look alike: the
+    error names the column, not just "two rows with the same settings"."""
+    golden = _write(_golden().drop(columns=["interval"]), tmp_path / "g.csv")
+    rc, out, err = check(capsys, str(GOLDEN), "--against", golden)
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "the golden table lacks the setting column interval" in err
+    assert "(interval=2 and interval=5)" in err
+    # neither table has the column: the golden table's two rows name what it lacks
+    table = _write(_golden().drop(columns=["interval"]), tmp_path / "t.csv")
+    rc, out, err = check(capsys, table, "--against", golden)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "and lacks the setting column(s) prompts, interval" in err
+
+
+def test_a_golden_table_lacking_a_column_that_changes_nothing_still_passes(capsys, tmp_path):
+    """The digits subset has no prompts column (one prompt set, none): nothing to tell apart."""
+    golden = _write(_golden().drop(columns=["seed"]), tmp_path / "g.csv")
+    assert check(capsys, str(GOLDEN), "--against", golden)[0] == 0
