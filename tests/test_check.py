@@ -191,6 +191,34 @@ def test_ci_runs_the_tests_then_the_documented_golden_command():
     assert ci.index("python -m pytest") < ci.index("python run.py -m") < ci.index("python -m bench.check")
 
 
+@pytest.mark.parametrize("tolerance,golden,got,ok", [
+    (("abs", 0.0), "0.7", "0.7", True),  # a zero tolerance accepts an equal value
+    (("abs", 0.0), "0.7", "0.7000001", False),
+    (("rel", 0.0), "0", "0", True),  # rel with golden 0: a bound of 0
+    (("rel", 0.5), "0", "0", True),
+    (("rel", 0.5), "0", "1e-300", False),
+    (("rel", 0.1), "10", "11", True),  # exactly on the bound
+    (("rel", 0.1), "10", "9", True),
+    (("abs", 0.1), "0.7", "0.8", True),  # 0.8 - 0.7 = 0.10000000000000009 in floats: still within
+    (("abs", 0.1), "0.8", "0.7", True),
+    (("abs", 0.1), "0.7", "0.81", False),
+    (("abs", 0.1), "0.7", "0.59", False),
+])
+def test_a_tolerance_bound_is_inclusive_with_float_slack(tolerance, golden, got, ok):
+    from bench.report.check import Tolerance
+
+    assert Tolerance(*tolerance).accepts(golden, got) is ok
+
+
+def test_zero_and_float_slack_tolerances_on_the_command_line(tmp_path, capsys):
+    golden = pd.DataFrame({"model": ["a", "b"], "fid": ["0.7", "0"], "macs_g": ["2.5", "0"]})
+    g = _write(golden, tmp_path / "g.csv")
+    assert check(capsys, g, "--against", g, "--tol", "fid=abs:0", "--tol", "macs_g=rel:0")[0] == 0
+    for fid, rc in (("0.8", 0), ("0.81", 1)):
+        table = golden.assign(fid=[fid, "0"])
+        assert check(capsys, _write(table, tmp_path / "t.csv"), "--against", g, "--tol", "fid=abs:0.1")[0] == rc
+
+
 def test_a_golden_table_lacking_a_setting_column_names_it(tmp_path, capsys):
     """Without its interval column the golden subset's N = 2 and N = 5 rows look alike: the
     error names the column, not just "two rows with the same settings"."""
