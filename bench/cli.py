@@ -149,24 +149,13 @@ def composition_error(e: BaseException) -> str:
         head += lines(cause)
         full_key = str(getattr(cause, "full_key", None) or "")
         if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and full_key:
+            from bench.run.validate import schema_keys
+
             parent = full_key.rpartition(".")[0]
-            valid = _valid_keys(parent)
+            valid = schema_keys(parent)
             if valid:
                 head.append(f"valid settings{' of ' + parent if parent else ''}: {', '.join(valid)}")
     return "; ".join(" ".join(ln.split()).rstrip(".") for ln in head) or type(e).__name__
-
-
-def _valid_keys(path: str) -> list[str]:
-    """The keys the schema (:class:`bench.run.config.Config`) defines at ``path``."""
-    import dataclasses
-
-    from bench.run.validate import _dataclass_of
-
-    node: type | None = schemas.Config
-    for part in [p for p in path.split(".") if p]:
-        fields = {f.name: f for f in dataclasses.fields(node)} if node else {}
-        node = _dataclass_of(fields[part].type) if part in fields else None
-    return [f.name for f in dataclasses.fields(node)] if node else []
 
 
 @contextlib.contextmanager

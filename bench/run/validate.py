@@ -65,6 +65,16 @@ def _unknown(node: Any, schema: type, prefix: str) -> None:
             _unknown(child, sub, f"{prefix}{key}.")
 
 
+def schema_keys(path: str) -> list[str]:
+    """The keys the schema (:class:`bench.run.config.Config`) defines at ``path`` (``""``:
+    the top level, ``run.labels``, ...); empty where the schema defines no structure."""
+    node: type | None = Config
+    for part in [p for p in path.split(".") if p]:
+        fields = {f.name: f for f in dataclasses.fields(node)} if node else {}
+        node = _dataclass_of(fields[part].type) if part in fields else None
+    return [f.name for f in dataclasses.fields(node)] if node else []
+
+
 def _dataclass_of(tp: Any) -> type | None:
     if isinstance(tp, str):  # postponed annotations: resolve among the schema classes
         import bench.run.config as c
