@@ -6,15 +6,18 @@
 
 Hydra composes the config from ``conf/`` (shipped inside the package as
 ``bench.conf``) and hands it to :func:`bench.run.runner.run`. A bad setting is one line
-on stderr and exit status 2; in a sweep, every point is checked before the first job
+on stderr and exit status 2 -- Hydra's own composition errors too (an unknown config
+group value, an override that does not parse); in a sweep, every point is checked before the first job
 starts, and a job that fails anyway is recorded and the others still run (exit 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -120,6 +123,76 @@ def _task(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
 
+class _Refused(BaseException):
+    """A Hydra composition error, in one line: not an ``Exception``, so that it passes
+    Hydra's own reporting (which prints several lines and exits 1) up to :func:`main`."""
+
+
+def composition_error(e: BaseException) -> str:
+    """Hydra's message for a config it could not compose (an unknown config group value, an
+    override that does not parse or does not fit the schema) as one line: the message, the
+    OmegaConf cause without its ``full_key``/``object_type`` details, and the valid values
+    Hydra lists (``Available options in 'model': ...``) or, for an unknown key, the valid keys."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    def lines(x: BaseException) -> list[str]:
+        return [ln.strip() for ln in str(x).splitlines() if ln.strip() and not ln.startswith((" ", "\t"))]
+
+    head = lines(e)
+    if isinstance(e, MissingConfigException):
+        group = next((ln for ln in head if ln.startswith("Available options in")), None)
+        head = head[:1]
+        if group and e.options:
+            head.append(f"valid values {group.removeprefix('Available options ').rstrip(':')}: {', '.join(e.options)}")
+    elif isinstance(e, OverrideParseException):
+        head = [f"cannot parse the override {e.override!r}: {' '.join(lines(e)[:1])}",
+                *(ln for ln in lines(e)[1:] if "hydra.cc" in ln)]
+    cause = e.__cause__
+    if cause is not None:
+        head += lines(cause)
+        full_key = str(getattr(cause, "full_key", None) or "")
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and full_key:
+            from bench.run.validate import schema_keys
+
+            parent = full_key.rpartition(".")[0]
+            valid = schema_keys(parent)
+            if valid:
+                head.append(f"valid settings{' of ' + parent if parent else ''}: {', '.join(valid)}")
+    return "; ".join(" ".join(ln.split()).rstrip(".") for ln in head) or type(e).__name__
+
+
+@contextlib.contextmanager
+def _compact_composition_errors():
+    """While Hydra runs: a composition error leaves as :class:`_Refused` (one line, exit 2
+    in :func:`main`) instead of Hydra's multi-line report and exit 1. Everything else --
+    a job's own failure, ``--help``, ``--cfg job`` -- is Hydra's as before, and so is
+    every error when ``HYDRA_FULL_ERROR=1`` asks for the stack trace."""
+    try:
+        import hydra._internal.utils as hydra_utils  # where Hydra reports errors (1.3)
+    except ImportError:  # pragma: no cover -- another Hydra: its own reports
+        yield
+        return
+    from hydra.errors import ConfigCompositionException, OverrideParseException, SearchPathException
+
+    original = getattr(hydra_utils, "run_and_report", None)
+    if original is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        yield
+        return
+
+    def refusing(func: Any) -> Any:
+        try:
+            return func()
+        except (ConfigCompositionException, OverrideParseException, SearchPathException) as e:
+            raise _Refused(composition_error(e)) from None
+
+    hydra_utils.run_and_report = lambda func: original(lambda: refusing(func))
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = original
+
+
 def main() -> None:
     from bench.run import distributed
 
@@ -132,7 +205,12 @@ def main() -> None:
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    _task()
+    try:
+        with _compact_composition_errors():
+            _task()
+    except _Refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

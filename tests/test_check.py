@@ -18,7 +18,7 @@ from harness import ROOT
 
 GOLDEN = ROOT / "results" / "golden" / "digits_subset.csv"
 TOLERANCES = ROOT / "results" / "golden" / "digits_subset.tolerances.yaml"
-N5 = "schedule=uniform interval=5 branch=1 center=10 power=1.2"
+N5 = "schedule=uniform interval=5 branch=1 center=— power=—"
 
 
 def _golden() -> pd.DataFrame:
@@ -190,3 +190,52 @@ def test_ci_runs_the_tests_then_the_documented_golden_command():
     assert _run_py_overrides(ci) == _run_py_overrides(readme)
     assert "python -m bench.check $work/sweep --against results/golden/digits_subset.csv" in ci
     assert ci.index("python -m pytest") < ci.index("python run.py -m") < ci.index("python -m bench.check")
+
+
+@pytest.mark.parametrize("tolerance,golden,got,ok", [
+    (("abs", 0.0), "0.7", "0.7", True),  # a zero tolerance accepts an equal value
+    (("abs", 0.0), "0.7", "0.7000001", False),
+    (("rel", 0.0), "0", "0", True),  # rel with golden 0: a bound of 0
+    (("rel", 0.5), "0", "0", True),
+    (("rel", 0.5), "0", "1e-300", False),
+    (("rel", 0.1), "10", "11", True),  # exactly on the bound
+    (("rel", 0.1), "10", "9", True),
+    (("abs", 0.1), "0.7", "0.8", True),  # 0.8 - 0.7 = 0.10000000000000009 in floats: still within
+    (("abs", 0.1), "0.8", "0.7", True),
+    (("abs", 0.1), "0.7", "0.81", False),
+    (("abs", 0.1), "0.7", "0.59", False),
+])
+def test_a_tolerance_bound_is_inclusive_with_float_slack(tolerance, golden, got, ok):
+    from bench.report.check import Tolerance
+
+    assert Tolerance(*tolerance).accepts(golden, got) is ok
+
+
+def test_zero_and_float_slack_tolerances_on_the_command_line(tmp_path, capsys):
+    golden = pd.DataFrame({"model": ["a", "b"], "fid": ["0.7", "0"], "macs_g": ["2.5", "0"]})
+    g = _write(golden, tmp_path / "g.csv")
+    assert check(capsys, g, "--against", g, "--tol", "fid=abs:0", "--tol", "macs_g=rel:0")[0] == 0
+    for fid, rc in (("0.8", 0), ("0.81", 1)):
+        table = golden.assign(fid=[fid, "0"])
+        assert check(capsys, _write(table, tmp_path / "t.csv"), "--against", g, "--tol", "fid=abs:0.1")[0] == rc
+
+
+def test_a_golden_table_lacking_a_setting_column_names_it(tmp_path, capsys):
+    """Without its interval column the golden subset's N = 2 and N = 5 rows look alike: the
+    error names the column, not just "two rows with the same settings"."""
+    golden = _write(_golden().drop(columns=["interval"]), tmp_path / "g.csv")
+    rc, out, err = check(capsys, str(GOLDEN), "--against", golden)
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "the golden table lacks the setting column interval" in err
+    assert "(interval=2 and interval=5)" in err
+    # neither table has the column: the golden table's two rows name what it lacks
+    table = _write(_golden().drop(columns=["interval"]), tmp_path / "t.csv")
+    rc, out, err = check(capsys, table, "--against", golden)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "and lacks the setting column(s) prompts, interval" in err
+
+
+def test_a_golden_table_lacking_a_column_that_changes_nothing_still_passes(capsys, tmp_path):
+    """The digits subset has no prompts column (one prompt set, none): nothing to tell apart."""
+    golden = _write(_golden().drop(columns=["seed"]), tmp_path / "g.csv")
+    assert check(capsys, str(GOLDEN), "--against", golden)[0] == 0

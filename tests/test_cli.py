@@ -49,7 +49,7 @@ def _bad(r, expect: str) -> None:
     [
         ("cache.interval=0", "cache.interval must be an integer >= 1, got 0"),
         ("cache.branch=13", "valid branches are 1..12"),
-        ("sampler.steps=0", "sampler.steps must be >= 1"),
+        ("sampler.steps=0", "sampler.steps=0 must be between 1 and 1000"),
         ("run.threads=-1", "run.threads=-1 must be >= 1"),
         ("run.timing_repeats=0", "run.timing_repeats=0 must be >= 2"),
         ("run.timing_precision=0", "run.timing_precision=0.0 must be > 0"),
@@ -67,20 +67,58 @@ def test_bad_input_is_one_line(tmp_path, override, expect):
     assert rec["status"] == "failed" and expect in rec["error"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "override,expect",
     [
         ("cache.schedule=sometimes", "expected one of [uniform, nonuniform, none]"),
         ("run.dtype=int8", "expected one of [float32, float16, bfloat16]"),
-        ("model=no_such_model", "Could not find 'model/no_such_model'"),
-        ("cache.no_such_key=1", "Key 'no_such_key' not in 'CacheConfig'"),
+        ("model=no_such_model", "Could not find 'model/no_such_model'; valid values in 'model': ddpm_bedroom, "
+                                "ddpm_church, ddpm_cifar10, digits, ldm_cin256, sd15"),
+        ("cache.no_such_key=1", "Key 'no_such_key' not in 'CacheConfig'; valid settings of cache: interval, branch, "
+                                "schedule, center, power"),
+        ("cache.interval=[", "cannot parse the override 'cache.interval=[': no viable alternative at input '['"),
     ],
 )
 def test_composition_errors_name_the_key_and_the_valid_values(tmp_path, override, expect):
-    """Hydra's own composition messages: a few lines, no traceback, nothing run."""
+    """Hydra's own composition messages, in one line, exit 2 like the harness's refusals,
+    no traceback, nothing run."""
     r = run_cost(*COST, *FAST, override, tmp_path=tmp_path)
-    assert r.returncode != 0 and expect in r.stderr and "Traceback" not in r.stderr
+    _bad(r, expect)
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
     assert not (tmp_path / "out" / "run.json").exists()
+
+
+@pytest.mark.integration
+def test_hydra_options_still_work_and_composition_errors_in_a_sweep_exit_2(tmp_path):
+    r = run_py("--cfg", "job", "cache.interval=3")
+    assert r.returncode == 0 and "interval: 3" in r.stdout, r.stderr
+    r = run_py("-m", *COST, *FAST, "model=ddpm_cifar10,nosuch", f"hydra.sweep.dir={tmp_path}/sweep")
+    _bad(r, "Could not find 'model/nosuch'; valid values in 'model'")
+    assert not list(tmp_path.glob("sweep/*/run.json"))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("override,expect", [
+    ("cache.power=nan", "cache.power=nan must be a finite number > 1"),
+    ("sampler.steps=5000", "sampler.steps=5000 must be between 1 and 1000"),  # was diffusers' traceback
+])
+def test_values_the_schema_lets_through_are_one_line_and_no_bare_nan(tmp_path, override, expect):
+    r = run_cost(*COST, *FAST, override, tmp_path=tmp_path)
+    _bad(r, expect)
+    assert len(r.stderr.strip().splitlines()) == 1
+    text = (tmp_path / "out" / "run.json").read_text()
+    assert "NaN" not in text and json.loads(text)["status"] == "failed"
+
+
+@pytest.mark.integration
+def test_a_sweep_that_fails_everywhere_runs_nothing(tmp_path):
+    """A bad value shared by every point (here one the schema lets through) stops the sweep
+    before its first job."""
+    r = run_py("-m", *COST, *FAST, "sampler.eta=-1", "cache.interval=2,3", f"hydra.sweep.dir={tmp_path}/sweep")
+    _bad(r, "sampler.eta=-1.0 must be in [0, 1]")
+    assert r.stderr.strip().splitlines()[-1] == "error: 2 of 2 sweep points are invalid; nothing was run"
+    assert not list(tmp_path.glob("sweep/*/run.json"))
 
 
 @pytest.mark.integration
@@ -95,6 +133,17 @@ def test_reference_problems_are_caught_before_generating(tmp_path):
         _bad(r, f"metrics.reference={str(ref)!r}")
         assert expect in r.stderr
     assert not list(tmp_path.glob("store/**/samples_*.npz"))
+
+
+@pytest.mark.integration
+def test_a_reference_folder_without_images_is_refused_before_generating(tmp_path):
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "README.txt").write_text("no images here")
+    r = run_py("model.weights=random", *FAST, "run.num_samples=4", "quality.is_split_size=4",
+               f"metrics.reference={tmp_path}/ref", f"run.store_dir={tmp_path}/store", f"hydra.run.dir={tmp_path}/o")
+    _bad(r, f"metrics.reference={str(tmp_path / 'ref')!r} is a folder without images")
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "store").exists()
 
 
 @pytest.mark.integration

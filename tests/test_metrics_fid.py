@@ -129,3 +129,23 @@ def test_nan_features_raise_one_line():
     with pytest.raises(ValueError, match="NaN or inf in 1 of 4 rows") as err:
         statistics(x)
     assert "\n" not in str(err.value)
+
+
+def test_a_complex_square_root_with_a_negative_real_diagonal_uses_its_real_part():
+    """Covariances of rank-deficient features are PSD only up to rounding: here S2 has an
+    eigenvalue of -1e-12. With S1 = P^2 and S2 = P^-1 N P^-1, S1 S2 = P N P^-1, whose principal
+    square root P N^(1/2) P^-1 is complex (sqrt(-1e-12) = 1e-6 i, a tiny imaginary part ADM
+    accepts) and has a *negative* real diagonal entry (-4) -- its trace is still Tr N^(1/2)
+    = 0 + 4. Only the real part gives that; the modulus of each entry would give 12."""
+    p = np.array([[2.0, 1.0], [1.0, 1.0]])
+    p_inv = np.linalg.inv(p)
+    n = np.diag([-1e-12, 16.0])
+    s1, s2 = p @ p, p_inv @ n @ p_inv
+    root = linalg.sqrtm(s1 @ s2)
+    assert np.iscomplexobj(root) and 0 < np.abs(np.diagonal(root).imag).max() < fid.IMAG_ATOL
+    assert np.diagonal(root).real.min() == pytest.approx(-4.0)  # the case this test is about
+    mu1, mu2 = np.array([1.0, -2.0]), np.array([0.5, 1.0])
+    closed = (0.5**2 + 3.0**2) + np.trace(s1) + np.trace(s2) - 2 * 4.0
+    ours = frechet_distance(mu1, s1, mu2, s2)
+    assert ours == pytest.approx(closed, rel=1e-9)
+    assert ours == pytest.approx(_fid_by_eigh(mu1, s1, mu2, s2), rel=1e-9)

@@ -244,3 +244,38 @@ def test_timing_threads_must_be_positive(digits):
     cfg.run.timing_threads = 0
     with pytest.raises(HarnessError, match=r"run.timing_threads=0 must be >= 1, or null for run.threads"):
         run_settings(cfg.run)
+
+
+def test_every_timed_full_call_runs_the_whole_unet(digits, monkeypatch):
+    """Each call of the ``full_call`` arm runs the mid block (the deepest part of the U-Net)
+    exactly once, whatever ran before it -- also right after another full call, as the timing
+    runs them (warm-up, equal-length probe, rounds) -- and a retrieval call never runs it: else
+    the composed loop times retrievals as full calls and the speed-up shrinks (3.49x -> 1.14x)."""
+    cfg, loaded = digits
+    cfg = cfg.copy()
+    cfg.run.timing, cfg.run.timing_budget_s, cfg.run.timing_repeats = "calls", 0.0, 2
+    deep = []
+    hook = loaded.unet.mid_block.register_forward_hook(lambda *a: deep.append(1))
+    per_arm: dict[str, list[int]] = {"full_call": [], "retrieval_call": []}
+    variants = measure._call_variants
+
+    def counting(*args, **kwargs):
+        arms = variants(*args, **kwargs)
+
+        def counted(name, fn):
+            def run():
+                before = len(deep)
+                fn()
+                per_arm[name].append(len(deep) - before)
+            return run
+
+        return {k: counted(k, fn) if k in per_arm else fn for k, fn in arms.items()}
+
+    monkeypatch.setattr(measure, "_call_variants", counting)
+    settings = models.cache_settings(cfg.cache, cfg.model)
+    try:
+        measure.timing_record(loaded, cfg, settings, uniform_full_calls(100, 5), 100)
+    finally:
+        hook.remove()
+    assert len(per_arm["full_call"]) >= 4 and set(per_arm["full_call"]) == {1}, per_arm["full_call"]
+    assert per_arm["retrieval_call"] and set(per_arm["retrieval_call"]) == {0}, per_arm["retrieval_call"]

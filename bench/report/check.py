@@ -213,8 +213,18 @@ def compare(table: pd.DataFrame, golden: pd.DataFrame, tolerances: Tolerances) -
         raise CheckError(f"the table lacks the setting columns {', '.join(missing_key)} of the golden table")
     gkeys = [_key(r, key_cols) for _, r in golden.iterrows()]
     dup = next((k for k in gkeys if gkeys.count(k) > 1), None)
+    absent = [c for c in KEY_COLUMNS if c not in golden.columns and c in table.columns]
+    unmatched_setting(table, key_cols, absent)  # names a setting column the golden rows need
     if dup is not None:
-        raise CheckError(f"the golden table has two rows with the settings {_label(dict(zip(key_cols, dup)), key_cols)}")
+        label = _label(dict(zip(key_cols, dup)), key_cols)
+        rows = golden[[k == dup for k in gkeys]].drop_duplicates()
+        lacking = [c for c in KEY_COLUMNS if c not in golden.columns]
+        if len(rows) > 1 and lacking:  # not a repeated row: rows of settings the table cannot tell apart
+            raise CheckError(
+                f"the golden table has two rows with the settings {label} and lacks the setting column(s) "
+                f"{', '.join(lacking)}: add the one that tells them apart"
+            )
+        raise CheckError(f"the golden table has two rows with the settings {label}")
     varying = [c for c in key_cols if golden[c].nunique() > 1] or key_cols
     got = {}
     for _, r in table.iterrows():
@@ -244,6 +254,23 @@ def compare(table: pd.DataFrame, golden: pd.DataFrame, tolerances: Tolerances) -
         if k not in gkeys:
             findings.append(Finding(_label(dict(zip(key_cols, k)), varying), "(row)", "—", "present", "", "extra"))
     return findings, compared
+
+
+def unmatched_setting(table: pd.DataFrame, key_cols: list[str], absent: list[str]) -> None:
+    """Refuse a golden table that lacks a setting column (``absent``) in which rows of the
+    table with the same golden settings differ: which of them a golden row means is unknown."""
+    seen: dict[tuple[str, ...], pd.Series] = {}
+    for _, r in table.iterrows():
+        k = _key(r, key_cols)
+        first = seen.setdefault(k, r)
+        differ = [c for c in absent if _canonical(first[c]) != _canonical(r[c])]
+        if differ:
+            c = differ[0]
+            raise CheckError(
+                f"the golden table lacks the setting column {c}, in which rows of the table with the settings "
+                f"{_label(dict(zip(key_cols, k)), key_cols)} differ ({c}={first[c] or '—'} and {c}={r[c] or '—'}); "
+                f"add it to the golden table"
+            )
 
 
 def _label(key: dict[str, str], columns: list[str]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -19,9 +20,25 @@ RECORD_VERSION = 2
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically (:func:`metrics.files.atomic_write`)."""
-    text = json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n"
+    """Write JSON atomically (:func:`metrics.files.atomic_write`), a NaN as null: JSON
+    (RFC 8259) has no NaN, and strict readers refuse Python's bare ``NaN``. An infinity stays
+    ``Infinity`` (Python's and pandas' readers take it): the search records an infeasible
+    trial's objective as +inf (:mod:`bench.run.search`)."""
+    text = json.dumps(_without_nan(obj), indent=2, sort_keys=False) + "\n"
     return atomic_write_bytes(path, text.encode())
+
+
+def _without_nan(o: Any) -> Any:
+    """``o`` with enums as their values, arrays as lists and NaN as None."""
+    if isinstance(o, dict):
+        return {k: _without_nan(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_without_nan(v) for v in o]
+    if isinstance(o, float):
+        return None if math.isnan(o) else o
+    if o is None or isinstance(o, (str, int)):  # bool is an int
+        return o
+    return _without_nan(_jsonable(o))
 
 
 def _jsonable(o: Any) -> Any:
@@ -30,6 +47,16 @@ def _jsonable(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def cache_section(settings: Any) -> dict[str, Any]:
+    """The resolved cache settings of a record: ``center`` and ``power`` only where they
+    apply (the non-uniform schedule), null otherwise -- never a given value that changed
+    nothing."""
+    section = dict(vars(settings))
+    if section.get("schedule") != "nonuniform":
+        section["center"] = section["power"] = None
+    return section
 
 
 def environment(device: str) -> dict[str, Any]:

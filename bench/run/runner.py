@@ -35,7 +35,7 @@ from bench.core.options import Mode, Output, Schedule, Timing, value
 from bench.cost import measure
 from bench.models import loading as models
 from bench.models.pipelines import Pixels
-from bench.report.records import environment, write_record
+from bench.report.records import cache_section, environment, write_record
 from bench.report.table import format_row
 from bench.run import distributed, validate
 from bench.run.parts import Parts, resolve
@@ -72,7 +72,7 @@ class Prepared:
         return {
             "mode": mode,
             "settings": settings,
-            "cache": {**s.__dict__, "skip_producer": self.skip.producer, "skip_consumer": self.skip.consumer},
+            "cache": {**cache_section(s), "skip_producer": self.skip.producer, "skip_consumer": self.skip.consumer},
             "model_source": self.loaded.source,
             "weights_fingerprint": self.loaded.fingerprint,
             "num_model_calls": self.num_calls,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -23,7 +24,7 @@ from bench.caching.schedules import ScheduleError
 from bench.core.errors import HarnessError
 from bench.core.options import Conditioning, Mode, Weights, value
 from bench.run import parts
-from bench.run.config import Config
+from bench.run.config import Config, LabelsConfig
 from bench.sampling import loop as sampling
 
 
@@ -31,10 +32,14 @@ def check(cfg: Any) -> None:
     """Raise :class:`HarnessError` for the first bad setting of ``cfg``."""
     unknown_keys(cfg)
     run_settings(cfg.run)
+    run_values(cfg)
+    sampler_values(cfg)
+    cache_values(cfg)
     cache_settings(cfg)
     model_source(cfg.model)
     if value(cfg.run.mode) == Mode.full:
         metric_files(cfg.metrics)
+        quality_values(cfg)
     if value(cfg.run.mode) != Mode.cost and value(cfg.model.conditioning) == Conditioning.text:
         prompt_source(cfg.run.prompts)
 
@@ -60,6 +65,16 @@ def _unknown(node: Any, schema: type, prefix: str) -> None:
         child = node.get(key) if isinstance(node, DictConfig) else None
         if sub is not None and isinstance(child, DictConfig):
             _unknown(child, sub, f"{prefix}{key}.")
+
+
+def schema_keys(path: str) -> list[str]:
+    """The keys the schema (:class:`bench.run.config.Config`) defines at ``path`` (``""``:
+    the top level, ``run.labels``, ...); empty where the schema defines no structure."""
+    node: type | None = Config
+    for part in [p for p in path.split(".") if p]:
+        fields = {f.name: f for f in dataclasses.fields(node)} if node else {}
+        node = _dataclass_of(fields[part].type) if part in fields else None
+    return [f.name for f in dataclasses.fields(node)] if node else []
 
 
 def _dataclass_of(tp: Any) -> type | None:
@@ -110,6 +125,67 @@ def run_settings(r: Any) -> None:
         raise HarnessError(f"run.device={r.device!r} but CUDA is not available (use run.device=cpu)")
 
 
+def run_values(cfg: Any) -> None:
+    """Seed, image store and class labels: values the schema's types let through."""
+    r = cfg.run
+    if r.seed < 0:
+        raise HarnessError(f"run.seed={r.seed} must be an integer >= 0 (numpy's SeedSequence takes no negative seeds)")
+    if not str(r.store_dir).strip():
+        raise HarnessError("run.store_dir is empty: it must name the image store's directory (default .cache/store)")
+    label_values(cfg.model, r)
+
+
+def label_values(m: Any, r: Any) -> None:
+    """``run.labels`` applies to a class-conditional model only; there, its values in range."""
+    labels, default = r.labels, LabelsConfig()
+    if m.conditioning != "class":
+        given = [(k, v) for k, v in (("mode", value(labels.mode)), ("per_class", labels.per_class),
+                                     ("list", list(labels.list)))
+                 if v != (value(getattr(default, k)) if k == "mode" else getattr(default, k))]
+        if given:
+            k, v = given[0]
+            raise HarnessError(
+                f"run.labels.{k}={v} applies to a class-conditional model (model.conditioning=class) only; "
+                f"model {m.name} has model.conditioning={m.conditioning}: leave run.labels at its defaults "
+                f"(mode={value(default.mode)}, per_class={default.per_class}, list=[])"
+            )
+        return
+    if value(r.mode) == Mode.cost:  # no images, no labels
+        return
+    mode = value(labels.mode)
+    if mode == "per_class" and labels.per_class < 1:
+        raise HarnessError(f"run.labels.per_class={labels.per_class} must be >= 1 (samples per class)")
+    if mode == "list":
+        if len(labels.list) < r.num_samples:
+            raise HarnessError(
+                f"run.labels.list holds {len(labels.list)} labels; run.num_samples={r.num_samples} needs one per sample"
+            )
+        negative = sorted({int(y) for y in labels.list if int(y) < 0})
+        if negative:
+            raise HarnessError(f"run.labels.list holds {negative[:5]}: class labels are >= 0")
+
+
+# --------------------------------------------------------------------------------------------- sampler
+
+
+def sampler_values(cfg: Any) -> None:
+    """``sampler.eta`` in [0, 1]; ``sampler.steps`` and ``run.baseline_steps`` within the
+    model's training timesteps (diffusers refuses more inference steps than that)."""
+    eta = cfg.sampler.eta
+    if not 0 <= eta <= 1:
+        raise HarnessError(
+            f"sampler.eta={eta} must be in [0, 1] (DDIM, Song et al. 2021, Eq. 16: 0 is deterministic DDIM, "
+            "1 gives DDPM's posterior variance)"
+        )
+    train = int(_arch_scheduler_config(cfg.model.arch).get("num_train_timesteps", 1000))
+    for key, steps in (("sampler.steps", cfg.sampler.steps), ("run.baseline_steps", cfg.run.baseline_steps)):
+        if steps is not None and not 1 <= steps <= train:
+            raise HarnessError(
+                f"{key}={steps} must be between 1 and {train}, the training timesteps of model "
+                f"{cfg.model.name} (num_train_timesteps of its scheduler)"
+            )
+
+
 # ------------------------------------------------------------------------------------------- cache
 
 
@@ -127,6 +203,28 @@ def cache_settings(cfg: Any) -> None:
         settings.full_calls(sampling.num_model_calls(scheduler))
     except ScheduleError as e:
         raise HarnessError(str(e)) from None
+
+
+def cache_values(cfg: Any) -> None:
+    """``cache.center`` and ``cache.power``, when given, in the range the non-uniform schedule
+    needs (:func:`bench.caching.schedules.nonuniform_full_calls`: a model call in
+    ``[0, T]``, a finite power > 1), whatever the schedule: a sweep over schedules refuses a
+    bad value once, not only at its non-uniform points."""
+    c = cfg.cache
+    if c.power is not None and not (math.isfinite(c.power) and c.power > 1):
+        raise HarnessError(
+            f"cache.power={c.power} must be a finite number > 1 (the non-uniform schedule's power; "
+            "null: the model's default)"
+        )
+    if c.center is not None:
+        from bench.sampling import loop as sampling
+
+        calls = sampling.num_model_calls(sampling.build_scheduler(cfg.sampler, _arch_scheduler_config(cfg.model.arch)))
+        if not 0 <= c.center <= calls:
+            raise HarnessError(
+                f"cache.center={c.center} must lie in [0, {calls}] (a model call of the {calls} this sampler "
+                "makes; null: the model's default)"
+            )
 
 
 @functools.lru_cache(maxsize=32)
@@ -199,14 +297,83 @@ def metric_files(m: Any) -> None:
         p = Path(str(path)).expanduser()
         if not p.exists():
             raise HarnessError(f"metrics.{key}={str(path)!r}: no such file or directory")
-        if key == "reference" and p.is_file():
-            if p.suffix != ".npz":
-                raise HarnessError(f"metrics.reference={str(path)!r} must be an .npz file or an image folder")
-            try:
-                with zipfile.ZipFile(p) as z:
-                    z.namelist()
-            except (zipfile.BadZipFile, OSError) as e:
-                raise HarnessError(f"metrics.reference={str(path)!r} is not a readable .npz ({e})") from None
+        if key == "reference":
+            reference_images(str(path))
+
+
+def reference_images(given: str) -> int | None:
+    """The number of images of the reference folder ``metrics.reference`` (None for an
+    ``.npz``, which is only opened); refuses a folder without images and an unreadable
+    ``.npz``. Computed once per path (and modification), however many sweep points share it."""
+    p = Path(given).expanduser()
+    st = p.stat()
+    count, problem = _reference_scan(str(p.resolve()), st.st_mtime_ns, st.st_size)
+    if problem:
+        raise HarnessError(f"metrics.reference={given!r} {problem}")
+    return count
+
+
+@functools.lru_cache(maxsize=64)
+def _reference_scan(path: str, mtime_ns: int, size: int) -> tuple[int | None, str | None]:
+    from metrics.reference import IMAGE_SUFFIXES
+
+    p = Path(path)
+    if p.is_dir():
+        count = sum(1 for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        if count == 0:
+            return 0, f"is a folder without images ({', '.join(IMAGE_SUFFIXES)}, searched recursively)"
+        return count, None
+    if p.suffix != ".npz":
+        return None, "must be an .npz file or an image folder"
+    try:
+        with zipfile.ZipFile(p) as z:
+            z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        return None, f"is not a readable .npz ({e})"
+    return None, None
+
+
+# quality keys that count something: each must be an integer >= 1
+_QUALITY_COUNTS = {
+    "is_split_size": "samples per Inception Score split; ADM: 5000",
+    "k": "the k-th nearest neighbour of precision/recall, Kynkaanniemi et al. 2019; ADM: 3",
+    "batch_size": "images per feature batch",
+}
+
+
+def quality_values(cfg: Any) -> None:
+    """``metrics.batch_size`` and the quality config's settings (``conf/quality/*.yaml``:
+    ``which``, ``is_split_size``, ``k``, ``batch_size``), checked before any image is
+    generated; precision/recall's ``k`` against the generated and reference images."""
+    from metrics.evaluate import METRICS
+
+    if not _count(cfg.metrics.batch_size):
+        raise HarnessError(f"metrics.batch_size={cfg.metrics.batch_size} must be an integer >= 1")
+    q = cfg.quality
+    if q is None:
+        return
+    which = list(q.which) if "which" in q else list(METRICS)
+    unknown = [w for w in which if w not in METRICS]
+    if unknown:
+        raise HarnessError(f"quality.which holds {', '.join(map(str, unknown))}; valid metrics: {', '.join(METRICS)}")
+    for key, what in _QUALITY_COUNTS.items():
+        if key in q and not _count(q[key]):
+            raise HarnessError(f"quality.{key}={q[key]} must be an integer >= 1 ({what})")
+    if "k" in q and {"precision", "recall"} & set(which):
+        k, n = q.k, cfg.run.num_samples
+        if n <= k:
+            raise HarnessError(f"quality.k={k}: precision/recall need more than k samples, run.num_samples={n}")
+        ref = cfg.metrics.reference
+        count = reference_images(str(ref)) if ref is not None and Path(str(ref)).expanduser().is_dir() else None
+        if count is not None and count <= k:
+            raise HarnessError(
+                f"quality.k={k}: precision/recall need more than k reference images, "
+                f"metrics.reference={str(ref)!r} holds {count}"
+            )
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 def prompt_source(p: Any) -> None:
