@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from bench.core.errors import HarnessError
+from bench.core.options import Mode, value
 from bench.core.resources import PACKAGE_DIR
 from bench.run import config as schemas
 
@@ -115,6 +116,11 @@ def _task(cfg: DictConfig) -> float | None:
     try:
         if hc.mode == RunMode.MULTIRUN and search.in_use(hc.sweeper):
             return search.objective(cfg, hc.runtime.output_dir, hc.sweeper)  # a trial of hydra/sweeper=search
+        if value(cfg.run.mode) == Mode.plan:  # a sweep's plan is made by its sweeper, before any job
+            from bench.run.plan import plan_run
+
+            plan_run(cfg, hc.runtime.output_dir)
+            return None
         run(cfg, hc.runtime.output_dir)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)

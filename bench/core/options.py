@@ -43,6 +43,7 @@ class Mode(Choice):
     full = "full"  # generate (baseline + cached), quality metrics, cost
     generate = "generate"  # images only
     cost = "cost"  # no weights needed: schedule, MACs, timing
+    plan = "plan"  # what the command would cost (jobs, images, MACs, time, disk); nothing generated
 
 
 class DType(Choice):

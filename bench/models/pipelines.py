@@ -121,6 +121,13 @@ class TextConditioner:
         return {"encoder_hidden_states": self.encoder(tokens)[0]}
 
 
+def _decoded_shape(config: Any, sample_shape: tuple[int, int, int], channels: int = 3) -> tuple[int, int, int]:
+    """(H, W, C) an autoencoder decodes latents of ``sample_shape`` to: each level but the last
+    of its ``block_out_channels`` halves the resolution (diffusers' VAE / VQ-VAE)."""
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    return sample_shape[1] * factor, sample_shape[2] * factor, int(config.get("out_channels", channels))
+
+
 class VaeDecoder:
     """Latents -> uint8 images through the model's ``AutoencoderKL``."""
 
@@ -147,6 +154,11 @@ class Pixels:
 
     def key(self) -> dict[str, Any]:
         return {}
+
+    def image_shape(self, sample_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """(H, W, C) of a stored image from the loop's sample shape (C, H, W)."""
+        c, h, w = sample_shape
+        return h, w, c
 
     def prompts_for(self, indices: range) -> None:
         return None
@@ -190,6 +202,9 @@ class TextToImage:
 
     def prompts_for(self, indices: range) -> list[str]:
         return [self.prompts[i] for i in indices]
+
+    def image_shape(self, sample_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        return _decoded_shape(self.decode.vae.config, sample_shape)
 
     def conditioning(self, indices: range) -> tuple[dict, dict | None]:
         cond = self.text.encode(self.prompts_for(indices))
@@ -307,6 +322,9 @@ class ClassToImage:
             "class_embedder": weights_fingerprint(self.embedder), "vqvae": weights_fingerprint(self.decode.vq),
             "decode_dtype": "float32",
         }
+
+    def image_shape(self, sample_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        return _decoded_shape(self.decode.vq.config, sample_shape)
 
     def prompts_for(self, indices: range) -> list[int]:
         """The class labels of ``indices`` (what the evaluator gets in place of prompts)."""

@@ -52,9 +52,9 @@ def settings_record(cfg: Any) -> dict[str, Any]:
 class Prepared:
     """Everything a mode needs: the run's parts, the model, the plan of full calls, the baseline."""
 
-    def __init__(self, parts: Parts):
+    def __init__(self, parts: Parts, loaded: models.LoadedModel | None = None):
         self.parts = parts
-        self.loaded = models.load_model(parts.model, parts.device, getattr(torch, parts.dtype))
+        self.loaded = loaded or models.load_model(parts.model, parts.device, getattr(torch, parts.dtype))
         self.settings = parts.cache
         scheduler = sampling.build_scheduler(parts.sampler, self.loaded.scheduler_config)
         self.num_calls = sampling.num_model_calls(scheduler)
@@ -88,12 +88,15 @@ class Prepared:
             "num_model_calls": self.reference.num_calls,
         }
 
-    def store(self, settings: CacheSettings, full_calls: list[int], pipe: Any, baseline: bool) -> ImageStore:
-        """The image store of the cached run, or of its baseline (at the reference's steps)."""
+    def store_key(self, settings: CacheSettings, full_calls: list[int], pipe: Any, baseline: bool) -> dict[str, Any]:
+        """What identifies the images of the cached run, or of its baseline (at the reference's steps)."""
         sampler = self.reference.sampler if baseline else self.parts.sampler
-        key = generate.store_key(self.loaded, self.parts.model, sampler, settings, full_calls,
-                                 self.parts.generation, pipe)
-        return ImageStore(Path(self.parts.store_dir), key)
+        return generate.store_key(self.loaded, self.parts.model, sampler, settings, full_calls,
+                                  self.parts.generation, pipe)
+
+    def store(self, settings: CacheSettings, full_calls: list[int], pipe: Any, baseline: bool) -> ImageStore:
+        """The image store of the cached run, or of its baseline (created if new)."""
+        return ImageStore(Path(self.parts.store_dir), self.store_key(settings, full_calls, pipe, baseline))
 
 
 def _cost(p: Prepared) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
@@ -306,6 +309,8 @@ def run(cfg: Any, out_dir: str | Path) -> Path | None:
         parts = resolve(cfg, device)
         if parts.threads:
             torch.set_num_threads(parts.threads)
+        if parts.mode not in MODES:  # run.mode=plan is the command line's (bench.run.plan)
+            raise HarnessError(f"run.mode={parts.mode} is not a mode of a run: {', '.join(MODES)}")
         result = MODES[parts.mode](cfg, parts)
     except BaseException as e:
         ctx.fail(e)  # a rank that fails before the sync still joins it: the others fail too

@@ -41,6 +41,7 @@ from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf, open_dict, read_write
 
 from bench.core.errors import HarnessError, one_line
+from bench.core.options import Mode, value
 from bench.report.jobs import PlannedJob, write_jobs
 from bench.report.records import RECORD_NAME, RECORD_VERSION
 from bench.report.sweep import write_tables
@@ -109,6 +110,8 @@ def run_sweep(sweeper: Any, arguments: list[str]) -> Any:
     """The sweep: jobs from the grids, all checked, launched batch by batch, then the table."""
     jobs = job_overrides(sweeper.params, sweeper.grids, arguments)
     cfgs = check_jobs(sweeper, jobs)
+    if any(value(c.run.mode) == Mode.plan for c in cfgs):
+        return plan_sweep(sweeper, jobs, cfgs)
     sweeper.overrides = list(sweeper.split_overrides_to_chunks(jobs, sweeper.max_batch_size))
     sweep_dir = Path(sweeper.config.hydra.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -142,6 +145,27 @@ def run_sweep(sweeper: Any, arguments: list[str]) -> Any:
     if failed or missing:
         sys.exit(1)
     return returns
+
+
+def plan_sweep(sweeper: Any, jobs: list[list[str]], cfgs: list[Any]) -> list[Any]:
+    """``run.mode=plan``: the plan of every job (:mod:`bench.run.plan`), printed and written into
+    the sweep directory; no job is launched."""
+    from bench.run.plan import PLAN_CSV, plan_jobs, summary, write_plan
+
+    if not all(value(c.run.mode) == Mode.plan for c in cfgs):
+        print("error: run.mode=plan plans the whole sweep: set it for every job, not as a swept value",
+              file=sys.stderr)
+        sys.exit(2)
+    try:
+        plan = plan_jobs(cfgs, [str(i) for i in range(len(jobs))])
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(summary(plan))
+    if is_main_process():
+        path = write_plan(Path(str(sweeper.config.hydra.sweep.dir)), plan)
+        print(f"plan: {path.parent / PLAN_CSV}")
+    return []
 
 
 def record_lost_jobs(sweeper: Any, batch: list[list[str]], start: int, error: BaseException) -> list[int]:

@@ -56,6 +56,9 @@ class SearchSweeper(Sweeper):
 
         assert self.config is not None
         try:
+            if str(self.config.run.mode) == "plan":
+                raise HarnessError("run.mode=plan needs the sweep's jobs up front; a search picks its trials as "
+                                   "it goes: plan a grid sweep of the same space (hydra/sweeper=table) instead")
             if distributed.launched():
                 raise HarnessError("hydra/sweeper=search runs one process per trial: not under torchrun "
                                    "(hydra/launcher=slurm runs trials in parallel)")
