@@ -272,9 +272,9 @@ def test_every_timed_full_call_runs_the_whole_unet(digits, monkeypatch):
         return {k: counted(k, fn) if k in per_arm else fn for k, fn in arms.items()}
 
     monkeypatch.setattr(measure, "_call_variants", counting)
-    settings = models.cache_settings(cfg.cache, cfg.model)
+    settings = cache_settings(cfg.cache, cfg.model)
     try:
-        measure.timing_record(loaded, cfg, settings, uniform_full_calls(100, 5), 100)
+        _timed(loaded, cfg, settings, uniform_full_calls(100, 5), 100)
     finally:
         hook.remove()
     assert len(per_arm["full_call"]) >= 4 and set(per_arm["full_call"]) == {1}, per_arm["full_call"]
