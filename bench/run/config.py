@@ -88,6 +88,10 @@ class PromptsConfig:
     source: Optional[str] = None  # .txt (one per line), .json list, or a Hugging Face dataset
     column: Optional[str] = None  # dataset column (lists: first entry), e.g. captions / Prompt
     split: Optional[str] = None
+    # how many prompts of the set the paper's protocol scores: the set's own size (COCO 2017
+    # validation: 5000 captions; PartiPrompts: 1632); the text-to-image experiments take it as
+    # run.num_samples (${run.prompts.size}), so each set is scored whole
+    size: Optional[int] = None
 
 
 @dataclass

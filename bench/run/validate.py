@@ -42,6 +42,7 @@ def check(cfg: Any) -> None:
         quality_values(cfg)
     if value(cfg.run.mode) != Mode.cost and value(cfg.model.conditioning) == Conditioning.text:
         prompt_source(cfg.run.prompts)
+        prompt_count(cfg.run.prompts, cfg.run.num_samples)
 
 
 # ---------------------------------------------------------------------------------------------- keys
@@ -391,3 +392,29 @@ def prompt_source(p: Any) -> None:
             f"run.prompts.column is needed to read prompts from the dataset {str(p.source)!r} "
             "(e.g. captions for phiyodr/coco2017, Prompt for nateraw/parti-prompts)"
         )
+
+
+def prompt_count(p: Any, num_samples: int) -> None:
+    """``run.num_samples`` against the prompt set (sample ``i`` takes prompt ``i``): the set is
+    read here, before any model is loaded, once per process and source (a sweep's points
+    share it)."""
+    n = _prompt_count(str(p.source), p.column, p.split, _mtime(str(p.source)))
+    if num_samples > n:
+        raise HarnessError(
+            f"run.num_samples={num_samples} exceeds the {n} prompts of run.prompts.source={str(p.source)!r}: "
+            f"set run.num_samples <= {n}"
+            + (" (the paper's protocol scores the whole set: run.num_samples=${run.prompts.size})" if p.get("size") else "")
+        )
+
+
+def _mtime(source: str) -> float | None:
+    path = Path(source).expanduser()
+    return path.stat().st_mtime if path.exists() else None
+
+
+@functools.lru_cache(maxsize=16)
+def _prompt_count(source: str, column: str | None, split: str | None, mtime: float | None) -> int:
+    from bench.models.pipelines import load_prompts
+
+    return len(load_prompts(source, column, split))
+
