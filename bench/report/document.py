@@ -189,11 +189,14 @@ def trust(parts: list[Part]) -> Trust:
                            "finishes them")
         if p.spec:
             labels = dict(p.spec.get("values") or {})
+            ok = [labels.get(v, v) for v in p.spec.get("comparable") or []]
             values = [v for v in labels if v not in (p.spec.get("comparable") or [])]
             if values:
                 named = [labels[v] for v in values]
                 why = [n for n in p.notes if any(lbl in n for lbl in named)]
-                comparable.append(f"{p.label} {p.name}: {', '.join(named)}" + (": " + " ".join(why) if why else ""))
+                comparable.append(f"{p.label} {p.name}: {', '.join(named)} (comparable on any machine: "
+                                  f"{', '.join(ok) or 'none'})" + (". The table's notes: " + " ".join(why)
+                                                                    if why else ""))
             inconsistent += [f"{p.label} {p.name}: {n}" for n in p.notes if "§6" in n]
         for line in mixed(p.records):
             other.append(f"{p.label} {p.name}: {line}")
