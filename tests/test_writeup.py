@@ -20,11 +20,12 @@ from bench.report import document, provenance, records
 from bench.report.__main__ import main as report_main
 from bench.report.jobs import PlannedJob, write_jobs
 from bench.report.records import PACKAGES
-from harness import ROOT, run_py
 from metrics.evaluate import quality_metrics
 from metrics.features import FeatureExtractor
 from metrics.hashing import array_digest, file_digest
 from metrics.reference import from_array, load_reference
+
+from harness import ROOT, run_py
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 PACKAGE_VERSIONS = {"torch": "2.1.0", "diffusers": "0.30.0", "torch-fidelity": "0.3.0", "open_clip_torch": None,
@@ -212,7 +213,7 @@ def test_the_document_says_what_not_to_trust(tmp_path, capsys):
     assert "1 of 4 jobs left no run.json (job 2)" in err
     trust = _section(md, "## What to trust")
     assert "**Warning: records from 2 commits" in trust and "record_version 1 (1 records)" in trust
-    assert re.search(r"Timing flagged unreliable:\*\* \n\n- S1 table: job 0, uniform N=2 branch 1, 10 steps: "
+    assert re.search(r"Timing flagged unreliable:\*\*\n\n- S1 table: job 0, uniform N=2 branch 1, 10 steps: "
                      r"speed-up 1\.7 ±2\.0 %", trust)
     assert f"- S1 table: job 1, uniform N=3 branch 1, 10 steps: {error.replace('|', '')}" in trust
     assert "- S1 table: job 2 left no run.json" in trust
@@ -268,7 +269,7 @@ def test_provenance_and_compute(tmp_path, capsys):
             f"sha256 {'ab' * 32} |") in s1
     prov = _section(md, "## Provenance")
     assert f"| git commit | {COMMIT} |" in prov
-    for name, v in PACKAGE_VERSIONS.items():
+    for name, v in {**PACKAGE_VERSIONS, "torch": "2.1.0+cpu"}.items():  # torch as torch.__version__ says
         assert f"| {name} | {v or 'not installed'} |" in prov
     assert "| device | S1: cuda:0 (box); S2: cpu (box) |" in prov
     assert "| processes per run | S1: 2; S2: 1 |" in prov
@@ -312,6 +313,8 @@ def test_one_directory_without_out_is_the_table_command_as_before(tmp_path, caps
 def test_latex_escaping_and_unicode():
     assert document.latex_escape(r"a_b & 5% $x$ #1 {y} ~ ^ \z") == \
         r"a\_b \& 5\% \$x\$ \#1 \{y\} \textasciitilde{} \textasciicircum{} \textbackslash{}z"
+    # a command stays copyable: no -- ligature, breaks only after / , =
+    assert document.latex_code("run.py --out a_b/c") == r"run.py -{}-{}out a\_b/\allowbreak{}c"
     decl = document.unicode_declarations("±3 − Δ é 漢")
     assert r"\DeclareUnicodeCharacter{00B1}{\ensuremath{\pm}}" in decl
     assert r"\DeclareUnicodeCharacter{2212}{\ensuremath{-}}" in decl
@@ -394,8 +397,10 @@ def test_report_of_two_real_sweeps(sweeps, tmp_path, capsys):
     env = rec["environment"]
     assert env["packages"] == {name: metadata.version(name) for name in PACKAGES}
     assert f"| git commit | {env['harness_commit'].removesuffix('-dirty')}" in prov
+    import torch
+
     for name in PACKAGES:
-        v = metadata.version(name)
+        v = torch.__version__ if name == "torch" else metadata.version(name)
         assert f"| {name} | {v} |" in prov
     assert "| device | cpu (" in prov and "| dtype | float32 |" in prov
     assert f"| threads | {env['threads']} |" in prov and "| threads while timing | S1: 1; S2: no timing |" in prov

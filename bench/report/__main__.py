@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench.report.document import write_report, warn_mixed
+from bench.report.document import warn_mixed, write_report
 from bench.report.jobs import planned_jobs
 from bench.report.records import RECORD_NAME
 from bench.report.sweep import write_tables

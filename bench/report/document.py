@@ -365,7 +365,7 @@ def to_markdown(parts: list[Part], tr: Trust, invocation: str, made: str, commit
         out += [f"- **Warning: {line}.** Rows made by different code are not one experiment." for line in tr.mixed]
         out.append("")
     for title, lines in tr.items:
-        out.append(f"**{title}:** " + ("none." if not lines else ""))
+        out.append(f"**{title}:**" + (" none." if not lines else ""))
         if lines:
             out.append("")
             out += [f"- {_md_cell(l)}" for l in lines]
@@ -422,8 +422,9 @@ def latex_escape(text: Any) -> str:
 
 
 def latex_code(text: str) -> str:
-    """A command line for LaTeX (escaped; a line may break after ``/``, ``,`` and ``=``)."""
-    out = latex_escape(text)
+    """A command line for LaTeX (escaped; ``-`` kept from the ``--`` ligature; a line may break
+    after ``/``, ``,`` and ``=``)."""
+    out = latex_escape(text).replace("-", "-{}")
     return re.sub(r"([/,=])", r"\1\\allowbreak{}", out)
 
 
@@ -441,8 +442,8 @@ def unicode_declarations(body: str) -> str:
 
 
 def _tex_tabular(df: pd.DataFrame, caption: str) -> str:
-    """A longtable (booktabs rules) of text cells."""
-    spec = "l" * len(df.columns)
+    """A longtable (booktabs rules) of text cells: settings left-aligned, measurements right."""
+    spec = "".join("l" if c in SETTING_COLUMNS or c in ("status", "job") else "r" for c in df.columns)
     head = " & ".join(latex_escape(c) for c in df.columns) + r" \\"
     rows = [" & ".join(latex_escape(x) for x in r) + r" \\" for r in df.itertuples(index=False)]
     return "\n".join([r"{\small", rf"\begin{{longtable}}{{{spec}}}", rf"\caption{{{caption}}}\\", r"\toprule",
@@ -470,7 +471,7 @@ def to_latex(parts: list[Part], tr: Trust, invocation: str, made: str, commit: s
         body.append(_tex_items([f"WARNING: {l}. Rows made by different code are not one experiment."
                                 for l in tr.mixed]).replace(r"\item WARNING", r"\item \textbf{WARNING}"))
     for title, lines in tr.items:
-        body.append(rf"\paragraph{{{latex_escape(title)}:}} " + ("none." if not lines else ""))
+        body.append(rf"\paragraph{{{latex_escape(title)}:}}" + (" none." if not lines else ""))
         if lines:
             body.append(_tex_items(lines))
     for p in parts:

@@ -199,12 +199,14 @@ def _distinct(values) -> list[Any]:
 
 
 def packages(rec: dict[str, Any]) -> dict[str, str | None]:
-    """The record's package versions: ``environment.packages`` (records since it exists), else
-    what older records carry (``torch``, ``diffusers``); a package not recorded is absent."""
+    """The record's package versions: ``environment.packages`` (records since it exists), with
+    ``torch`` and ``diffusers`` as the modules report themselves (``torch.__version__`` carries
+    the build, e.g. ``+cu121``, which the distribution's version lacks; older records carry only
+    these two); a package not recorded is absent."""
     env = _env(rec)
     out = dict(env.get("packages") or {})
     for name in ("torch", "diffusers"):
-        if name not in out and env.get(name) is not None:
+        if env.get(name) is not None:
             out[name] = env[name]
     return out
 
