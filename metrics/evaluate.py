@@ -54,8 +54,10 @@ def quality_metrics(
 
     Returns a flat dict with the requested metrics among ``fid, sfid, is_mean,
     is_std, precision, recall`` (``sfid`` only when the extractor gives
-    "spatial" features), ``protocol``, ``n_fake`` and the settings of the
-    requested metrics (``is_split_size``, ``prc_k``).
+    "spatial" features), ``protocol``, ``n_fake``, ``reference_sha256`` (the
+    reference's content hash, :meth:`metrics.reference.Reference.content_hash`: which
+    reference statistics the numbers are against) and the settings of the requested
+    metrics (``is_split_size``, ``prc_k``).
     """
     wanted = set(metrics)
     unknown = wanted - set(METRICS)
@@ -78,7 +80,8 @@ def quality_metrics(
         progress=progress,
     )
 
-    out: dict = {"protocol": protocol_name(extractor), "n_fake": int(len(fake_images))}
+    out: dict = {"protocol": protocol_name(extractor), "n_fake": int(len(fake_images)),
+                 "reference_sha256": reference.content_hash()}
     if "fid" in wanted:
         out["fid"] = frechet_distance(*statistics(fake["pool"]), *ref.stats["pool"])
     if "spatial" in ref.stats:

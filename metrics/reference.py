@@ -243,7 +243,7 @@ def from_stats_npz(path: str | os.PathLike, stats_extractor: str = INCEPTION_NAM
     with np.load(path) as npz:
         layers = ["pool"] + (["spatial"] if "mu_s" in npz.files or "sigma_s" in npz.files else [])
         stats = _npz_stats(npz, path, layers)
-    return Reference(source=str(path), stats=stats, stats_extractor=stats_extractor)
+    return Reference(source=str(path), stats=stats, stats_extractor=stats_extractor, digest=lambda: file_digest(path))
 
 
 def from_array(images: np.ndarray, source: str = "in-memory array") -> Reference:

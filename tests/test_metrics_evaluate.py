@@ -77,7 +77,7 @@ def test_reference_equal_to_fake_is_perfect():
 
 def test_only_requested_metrics_are_returned():
     result = quality_metrics(_images(0, 30), _images(1, 40), BlockExtractor(), metrics=("fid", "recall"))
-    assert set(result) == {"fid", "recall", "protocol", "n_fake", "prc_k"}
+    assert set(result) == {"fid", "recall", "protocol", "n_fake", "reference_sha256", "prc_k"}
 
 
 def test_sfid_only_when_the_extractor_gives_spatial_features():

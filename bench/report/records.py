@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+from importlib import metadata
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -17,6 +18,10 @@ from metrics.files import atomic_write_bytes
 
 RECORD_NAME = "run.json"
 RECORD_VERSION = 2
+# the distributions whose versions a record carries (environment()["packages"]): what
+# generates (torch, diffusers), scores (torch-fidelity, open_clip, transformers) and
+# composes (hydra-core) a run, and numpy, which every statistic goes through
+PACKAGES = ("torch", "diffusers", "torch-fidelity", "open_clip_torch", "transformers", "hydra-core", "numpy")
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
@@ -60,13 +65,15 @@ def cache_section(settings: Any) -> dict[str, Any]:
 
 
 def environment(device: str) -> dict[str, Any]:
-    """Versions, git commit and hardware that produced a result."""
+    """Versions, git commit and hardware that produced a result; ``packages`` maps each of
+    :data:`PACKAGES` to its installed version (None when it is not installed)."""
     import diffusers
 
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
+        "packages": package_versions(),
         "harness_commit": git_commit(),
         "device": device,
         "device_name": _device_name(device),
@@ -76,6 +83,17 @@ def environment(device: str) -> dict[str, Any]:
         "argv": sys.argv[1:],
     }
     return env
+
+
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
+    """Installed version of each distribution (``importlib.metadata``), None when absent."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _device_name(device: str) -> str:
