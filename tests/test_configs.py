@@ -24,8 +24,8 @@ def test_every_config_composes_and_passes_the_checks(group, name, tmp_path):
     cfg = compose_cfg(f"{group}={name}")
     # no weights on this machine: check the architecture the file describes
     cfg.model.weights = "random"
-    if cfg.model.conditioning == "text" and cfg.run.prompts.source is None:
-        (tmp_path / "p.txt").write_text("a prompt\n")
+    if cfg.model.conditioning == "text":  # a stand-in of the prompt set (the hub's cannot be read here)
+        (tmp_path / "p.txt").write_text("a prompt\n" * cfg.run.num_samples)  # sample i takes prompt i
         cfg.run.prompts.source = str(tmp_path / "p.txt")
     if cfg.run.mode == "full" and cfg.quality is None:
         pytest.fail(f"{group}={name}: run.mode=full without a quality config")
