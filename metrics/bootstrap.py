@@ -150,9 +150,9 @@ class FrechetReplicates:
     ``Tr((S R)^(1/2)) = sum sqrt(eig(R^(1/2) S R^(1/2)))`` (S R and R^(1/2) S R^(1/2)
     share their eigenvalues, which are real and >= 0 for S, R positive
     semi-definite), with ``R^(1/2)`` factored once: a symmetric eigenproblem per
-    replicate instead of scipy's ``sqrtm`` (of size min(n, D): with fewer samples than
-    feature dimensions, the Gram matrix of the weighted, centred rows has the same
-    nonzero eigenvalues). With every row drawn once it equals
+    replicate instead of scipy's ``sqrtm``. With fewer samples than feature dimensions
+    the n x n matrix ``W^(1/2) (Xc - m) R (Xc - m)^T W^(1/2)`` has the same nonzero
+    eigenvalues and needs no square root of R. With every row drawn once it equals
     :func:`metrics.fid.frechet_distance` (tested). float64, on ``device``.
     """
 
@@ -163,13 +163,17 @@ class FrechetReplicates:
         dev = torch.device(device if device is not None else "cpu")
         mu_r = torch.as_tensor(np.asarray(ref_mu, dtype=np.float64), device=dev)
         sigma_r = torch.as_tensor(np.asarray(ref_sigma, dtype=np.float64), device=dev)
-        evals, vecs = torch.linalg.eigh((sigma_r + sigma_r.T) / 2)
-        half = (vecs * evals.clamp_min(0).sqrt()) @ vecs.T
+        sigma_r = (sigma_r + sigma_r.T) / 2
         self.name, self.n, self.device = name, x.shape[0], dev
         xc = torch.from_numpy(x).to(dev) - mu_r  # centred on the reference mean: the mean term is |m|^2
-        with no_tf32():
-            self.xc, self.y = xc, xc @ half
-        self.sq = (xc * xc).sum(dim=1)
+        self.gram = self.n < x.shape[1]
+        with torch.no_grad(), no_tf32():
+            if self.gram:  # rank <= n: work with the n x n matrix  Xc R Xc^T  (no square root of R needed)
+                self.y = xc @ sigma_r @ xc.T
+            else:
+                evals, vecs = torch.linalg.eigh(sigma_r)
+                self.y = xc @ ((vecs * evals.clamp_min(0).sqrt()) @ vecs.T)  # rows of Xc R^(1/2)
+        self.xc, self.sq = xc, (xc * xc).sum(dim=1)
         self.trace_r = float(torch.trace(sigma_r))
 
     def value(self, counts: np.ndarray) -> float:
@@ -178,11 +182,13 @@ class FrechetReplicates:
         with torch.no_grad(), no_tf32():
             m = w @ self.xc / n
             trace_s = (float(w @ self.sq) - n * float(m @ m)) / (n - 1)
-            nu = w @ self.y / n
-            if n < self.y.shape[1]:  # rank <= n: the n x n Gram matrix has the same nonzero eigenvalues
-                z = (self.y - nu) * w.sqrt()[:, None]
-                inner = z @ z.T / (n - 1)
+            if self.gram:  # W^(1/2) P Xc R Xc^T P^T W^(1/2), P = I - 1 w^T / n: the resample's centred rows
+                centred = self.y - (w @ self.y / n)[None, :]
+                centred = centred - (centred @ w / n)[:, None]
+                root = w.sqrt()
+                inner = root[:, None] * centred * root[None, :] / (n - 1)
             else:
+                nu = w @ self.y / n
                 inner = (self.y.T @ (w[:, None] * self.y) - n * torch.outer(nu, nu)) / (n - 1)
             eig = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0)
             return float(m @ m) + trace_s + self.trace_r - 2.0 * float(eig.sqrt().sum())
