@@ -24,6 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metrics.bootstrap import (
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    MeanReplicates,
+    bootstrap,
+    check_resamples,
+    interval_record,
+    intervals,
+    paired_intervals,
+)
 from metrics.errors import one_line
 from metrics.features import MissingWeightsError, check_images, hub_offline, iter_batches, no_tf32
 
@@ -203,6 +213,9 @@ class ClipQuality:
 
     ``quality(images, prompts)`` returns ``{"protocol", "clip_score", "clip_model", ...}``;
     the protocol ``open_clip/<model>/<weights>`` keeps different CLIP models apart in tables.
+    With ``resamples`` > 0 it has ``clip_score_low`` / ``clip_score_high``, the 95 % bootstrap
+    interval of the mean over the pairs (:mod:`metrics.bootstrap`, seed ``interval_seed``);
+    ``quality.paired(images, baseline_images, prompts)`` adds ``clip_score_delta`` and its interval.
     """
 
     needs_prompts = True
@@ -218,13 +231,47 @@ class ClipQuality:
         batch_size: int = 32,
         device: str | None = None,
         progress: bool = False,
+        resamples: int = DEFAULT_RESAMPLES,
+        interval_seed: int = DEFAULT_SEED,
     ):
+        self.resamples, self.interval_seed = check_resamples(resamples), int(interval_seed)
         self.scorer = ClipScorer(model, pretrained, checkpoint=checkpoint, device=device)
         self.batch_size, self.progress = batch_size, progress
         self.protocol = f"open_clip/{model}/{pretrained or 'random-init'}"
 
-    def __call__(self, images, prompts) -> dict:
+    def _scores(self, images, prompts) -> np.ndarray:
         if prompts is None:
             raise ValueError("the CLIP score needs the prompt of each image; this model has none")
-        value, record = self.scorer.score(images, prompts, batch_size=self.batch_size, progress=self.progress)
-        return {"protocol": self.protocol, "clip_score": value, **record}
+        return self.scorer.scores(images, prompts, batch_size=self.batch_size, progress=self.progress)
+
+    def _record(self, per_pair: np.ndarray, reps: dict) -> dict:
+        out = {"protocol": self.protocol, "clip_score": float(per_pair.mean())}
+        if self.resamples:
+            out.update(intervals(out, reps))
+        out.update({**self.scorer.record(), "clip_n": int(per_pair.size)})
+        return {**out, **interval_record(self.resamples, self.interval_seed)} if self.resamples else out
+
+    def _replicates(self, per_pair: np.ndarray) -> dict:
+        if not self.resamples:
+            return {}
+        return bootstrap([MeanReplicates(per_pair, "clip_score")], per_pair.size, self.resamples, self.interval_seed)
+
+    def __call__(self, images, prompts) -> dict:
+        per_pair = self._scores(images, prompts)
+        return self._record(per_pair, self._replicates(per_pair))
+
+    def paired(self, images, baseline_images, prompts) -> tuple[dict, dict]:
+        """(measurements of ``images``, of ``baseline_images``), the first with ``clip_score_delta`` and its
+        interval from the same resampled pairs (image i and baseline image i share prompt i and noise)."""
+        if len(images) != len(baseline_images):
+            raise ValueError(f"paired scoring needs as many images as baseline images, got {len(images)} and "
+                             f"{len(baseline_images)}")
+        ours, base = self._scores(images, prompts), self._scores(baseline_images, prompts)
+        reps, base_reps = self._replicates(ours), self._replicates(base)
+        out, base_out = self._record(ours, reps), self._record(base, base_reps)
+        if self.resamples:
+            deltas = paired_intervals(out, reps, base_out, base_reps)
+            at = list(out).index("clip_score_high") + 1
+            items = list(out.items())
+            out = dict(items[:at] + list(deltas.items()) + items[at:])
+        return out, base_out

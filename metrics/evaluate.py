@@ -16,6 +16,18 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from metrics.bootstrap import (
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    FrechetReplicates,
+    InceptionScoreReplicates,
+    PrecisionRecallReplicates,
+    bootstrap,
+    check_resamples,
+    interval_record,
+    intervals,
+    paired_intervals,
+)
 from metrics.features import FeatureExtractor, check_images
 from metrics.fid import frechet_distance, spatial_frechet_distance, statistics
 from metrics.isc import IS_SPLIT_SIZE, check_split_size, inception_score, probabilities
@@ -43,6 +55,8 @@ def quality_metrics(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
     device: str | None = None,
+    resamples: int = 0,
+    seed: int = DEFAULT_SEED,
 ) -> dict:
     """FID / sFID / IS / precision / recall of uint8 N x H x W x C ``fake_images`` against ``reference``.
 
@@ -54,46 +68,29 @@ def quality_metrics(
 
     Returns a flat dict with the requested metrics among ``fid, sfid, is_mean,
     is_std, precision, recall`` (``sfid`` only when the extractor gives
-    "spatial" features), ``protocol``, ``n_fake``, ``reference_sha256`` (the
-    reference's content hash, :meth:`metrics.reference.Reference.content_hash`: which
-    reference statistics the numbers are against) and the settings of the requested
-    metrics (``is_split_size``, ``prc_k``).
+    "spatial" features), ``protocol``, ``n_fake``, ``reference_sha256`` (the reference's content hash,
+    :meth:`metrics.reference.Reference.content_hash`) and the settings of the
+    requested metrics (``is_split_size``, ``prc_k``).  With ``resamples`` > 0
+    each metric but ``is_std`` also has ``<metric>_low`` / ``<metric>_high``, its
+    95 % bootstrap interval over the fake samples (:mod:`metrics.bootstrap`).
     """
-    wanted = set(metrics)
-    unknown = wanted - set(METRICS)
-    if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {list(METRICS)}")
-    fake_images = check_images(fake_images)
-    if "is" in wanted:
-        check_split_size(len(fake_images), is_split_size)  # fail before the expensive extraction
-    reference = as_reference(reference)
+    quality = FeatureQuality(extractor, reference, which=metrics, is_split_size=is_split_size, k=k,
+                             batch_size=batch_size, cache_dir=cache_dir, device=device, progress=progress,
+                             resamples=resamples, interval_seed=seed)
+    return quality(fake_images)
 
-    fake = extractor.extract(fake_images, batch_size=batch_size, progress=progress)
-    want_pr = bool(wanted & {"precision", "recall"})
-    layers = (["pool"] if "fid" in wanted else []) + (["spatial"] if "sfid" in wanted and "spatial" in fake else [])
-    ref = reference.resolve(
-        extractor,
-        layers=layers,
-        pr_count=PR_REFERENCE_COUNT if want_pr else 0,
-        cache_dir=cache_dir,
-        batch_size=batch_size,
-        progress=progress,
-    )
 
-    out: dict = {"protocol": protocol_name(extractor), "n_fake": int(len(fake_images)),
-                 "reference_sha256": reference.content_hash()}
-    if "fid" in wanted:
-        out["fid"] = frechet_distance(*statistics(fake["pool"]), *ref.stats["pool"])
-    if "spatial" in ref.stats:
-        out["sfid"] = spatial_frechet_distance(fake["spatial"], *ref.stats["spatial"])
-    if "is" in wanted:
-        out["is_mean"], out["is_std"] = inception_score(probabilities(fake["logits"]), is_split_size)
-        out["is_split_size"] = int(is_split_size)
-    if want_pr:
-        precision, recall = precision_recall(ref.pr_features, fake["pool"], k=k, device=device)
-        out.update({name: value for name, value in (("precision", precision), ("recall", recall)) if name in wanted})
-        out["prc_k"] = int(k)
-    return out
+def _ordered(out: dict) -> dict:
+    """Each metric followed by its interval and its paired difference (the table's column order)."""
+    suffixes = ("_low", "_high", "_delta", "_delta_low", "_delta_high")
+    extra = {k for k in out if any(k.endswith(s) and k[: -len(s)] in out for s in suffixes)}
+    ordered = {}
+    for key, value in out.items():
+        if key in extra:
+            continue
+        ordered[key] = value
+        ordered.update({key + s: out[key + s] for s in suffixes if key + s in out})
+    return {**ordered, **{k: v for k, v in out.items() if k not in ordered}}
 
 
 class FeatureQuality:
@@ -104,7 +101,10 @@ class FeatureQuality:
     takes); when it is None the model's own ``default_reference`` is used. Both the
     reference and the extractor are opened here, so a missing or unreadable file
     fails before any image is generated. ``quality(images)`` returns the dict of
-    :func:`quality_metrics`.
+    :func:`quality_metrics`; ``quality.paired(images, baseline_images)`` both dicts,
+    the first with the paired differences (:mod:`metrics.bootstrap`). ``resamples``
+    bootstrap resamples give each metric its 95 % interval (0: none), drawn from
+    ``interval_seed``.
     """
 
     needs_prompts = False
@@ -122,6 +122,8 @@ class FeatureQuality:
         cache_dir: str | os.PathLike | None = None,
         device: str | None = None,
         progress: bool = False,
+        resamples: int = DEFAULT_RESAMPLES,
+        interval_seed: int = DEFAULT_SEED,
     ):
         self.which = tuple(which)
         unknown = set(self.which) - set(METRICS)
@@ -132,6 +134,7 @@ class FeatureQuality:
         if reference is None:
             raise ValueError("a reference batch is needed (metrics.reference: ADM .npz with arr_0, "
                              "an .npz of mu/sigma, or an image folder)")
+        self.resamples, self.interval_seed = check_resamples(resamples), int(interval_seed)
         self.reference = as_reference(reference)
         self.extractor = extractor
         self.is_split_size, self.k, self.batch_size = int(is_split_size), int(k), int(batch_size)
@@ -145,9 +148,77 @@ class FeatureQuality:
                 "splits; ADM: 5000): lower quality.is_split_size or drop 'is' from quality.which"
             )
 
-    def __call__(self, images: np.ndarray, prompts=None) -> dict:
-        return quality_metrics(
-            images, self.reference, self.extractor, metrics=self.which, is_split_size=self.is_split_size,
-            k=self.k, batch_size=self.batch_size, cache_dir=self.cache_dir, progress=self.progress,
-            device=self.device,
+    def _resolved(self, layers_of: dict):
+        want_pr = bool(set(self.which) & {"precision", "recall"})
+        layers = (["pool"] if "fid" in self.which else []) + (
+            ["spatial"] if "sfid" in self.which and "spatial" in layers_of else [])
+        return self.reference.resolve(
+            self.extractor, layers=layers, pr_count=PR_REFERENCE_COUNT if want_pr else 0,
+            cache_dir=self.cache_dir, batch_size=self.batch_size, progress=self.progress,
         )
+
+    def _features(self, images: np.ndarray) -> dict:
+        images = check_images(images)
+        if "is" in self.which:
+            check_split_size(len(images), self.is_split_size)  # fail before the expensive extraction
+        return self.extractor.extract(images, batch_size=self.batch_size, progress=self.progress)
+
+    def _score(self, fake: dict, ref) -> tuple[dict, list]:
+        """The metrics of one set of fake features, and its bootstrap statistics (none without resamples)."""
+        wanted, stats = set(self.which), []
+        boot = self.resamples > 0
+        out: dict = {"protocol": protocol_name(self.extractor), "n_fake": int(len(fake["pool"])),
+                     "reference_sha256": self.reference.content_hash()}
+        if "fid" in wanted:
+            out["fid"] = frechet_distance(*statistics(fake["pool"]), *ref.stats["pool"])
+            if boot:
+                stats.append(FrechetReplicates(fake["pool"], *ref.stats["pool"], name="fid", device=self.device))
+        if "spatial" in ref.stats:
+            out["sfid"] = spatial_frechet_distance(fake["spatial"], *ref.stats["spatial"])
+            if boot:
+                stats.append(FrechetReplicates(fake["spatial"], *ref.stats["spatial"], name="sfid",
+                                               device=self.device))
+        if "is" in wanted:
+            probs = probabilities(fake["logits"])
+            out["is_mean"], out["is_std"] = inception_score(probs, self.is_split_size)
+            out["is_split_size"] = self.is_split_size
+            if boot:
+                stats.append(InceptionScoreReplicates(probs, self.is_split_size))
+        if wanted & {"precision", "recall"}:
+            precision, recall = precision_recall(ref.pr_features, fake["pool"], k=self.k, device=self.device)
+            out.update({name: value for name, value in (("precision", precision), ("recall", recall))
+                        if name in wanted})
+            out["prc_k"] = self.k
+            if boot:
+                pr = PrecisionRecallReplicates(ref.pr_features, fake["pool"], k=self.k, device=self.device)
+                stats.append(lambda idx, pr=pr: {m: v for m, v in pr(idx).items() if m in wanted})
+        return out, stats
+
+    def _with_intervals(self, out: dict, reps: dict) -> dict:
+        if not self.resamples:
+            return out
+        return _ordered({**out, **intervals(out, reps), **interval_record(self.resamples, self.interval_seed)})
+
+    def __call__(self, images: np.ndarray, prompts=None) -> dict:
+        fake = self._features(images)
+        out, stats = self._score(fake, self._resolved(fake))
+        reps = bootstrap(stats, out["n_fake"], self.resamples, self.interval_seed) if self.resamples else {}
+        return self._with_intervals(out, reps)
+
+    def paired(self, images: np.ndarray, baseline_images: np.ndarray, prompts=None) -> tuple[dict, dict]:
+        """(measurements of ``images``, of ``baseline_images``), each as ``self(...)`` gives it; the first also
+        has ``<metric>_delta`` (images minus baseline) and its interval, from the same resampled indices in both
+        sets: image i and baseline image i must come from the same noise (:mod:`metrics.bootstrap`)."""
+        if len(images) != len(baseline_images):
+            raise ValueError(f"paired scoring needs as many images as baseline images, got {len(images)} and "
+                             f"{len(baseline_images)}")
+        fake, base = self._features(images), self._features(baseline_images)
+        ref = self._resolved(fake)
+        (out, stats), (base_out, base_stats) = self._score(fake, ref), self._score(base, ref)
+        if not self.resamples:
+            return out, base_out
+        n = out["n_fake"]
+        reps = bootstrap(stats, n, self.resamples, self.interval_seed)
+        base_reps = bootstrap(base_stats, n, self.resamples, self.interval_seed)
+        deltas = paired_intervals(out, reps, base_out, base_reps)
+        return self._with_intervals({**out, **deltas}, reps), self._with_intervals(base_out, base_reps)

@@ -126,3 +126,26 @@ def test_hf_cache_hit_is_used_offline(tmp_path, monkeypatch):
 def test_unknown_tag_is_rejected():
     with pytest.raises(ValueError, match="no pretrained tag"):
         cs.resolve_clip_weights("ViT-g-14", "no-such-tag")
+
+
+@pytest.mark.integration
+def test_clip_quality_interval_and_paired_difference(scorer, images, monkeypatch):
+    from metrics.clip_score import ClipQuality
+
+    monkeypatch.setattr(cs, "ClipScorer", lambda *a, **k: scorer)  # reuse the fixture's random model
+    quality = ClipQuality(MODEL, pretrained=None, device="cpu", resamples=40)
+    flipped = images[:, ::-1].copy()
+    ours, base = quality.paired(images, flipped, PROMPTS)
+    per_pair, per_base = scorer.scores(images, PROMPTS), scorer.scores(flipped, PROMPTS)
+    assert ours["clip_score"] == pytest.approx(per_pair.mean()) and base["clip_score"] == pytest.approx(per_base.mean())
+    assert ours["clip_score_low"] <= ours["clip_score"] <= ours["clip_score_high"]
+    assert ours["clip_score_delta"] == pytest.approx(per_pair.mean() - per_base.mean())
+    # the paired interval is the bootstrap of the mean of the per-pair differences
+    diffs = per_pair - per_base
+    idx = np.random.default_rng(0).integers(0, len(diffs), size=(40, len(diffs)))
+    half = 1.959963984540054 * diffs[idx].mean(axis=1).std(ddof=1)
+    assert ours["clip_score_delta_high"] - ours["clip_score_delta"] == pytest.approx(half, rel=1e-6)
+    assert base == quality(flipped, PROMPTS) and "clip_score_delta" not in base
+    assert list(ours)[:6] == ["protocol", "clip_score", "clip_score_low", "clip_score_high", "clip_score_delta",
+                              "clip_score_delta_low"]
+    assert ours["quality_interval"] == "bootstrap-normal-95" and ours["clip_n"] == len(PROMPTS)

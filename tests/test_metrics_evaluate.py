@@ -118,3 +118,62 @@ def test_bad_fake_images_are_refused_in_one_line(fake, match):
     with pytest.raises(ValueError, match=match) as err:
         quality_metrics(fake, _images(1, 10), BlockExtractor(), metrics=("fid",))
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------ intervals and paired scoring
+
+
+def _quality(ex=None, **kw):
+    from metrics.evaluate import FeatureQuality
+
+    return FeatureQuality(ex or BlockExtractor(), _images(1, 80), is_split_size=20, **kw)
+
+
+def test_each_metric_has_its_interval_around_its_value_in_column_order():
+    result = _quality(resamples=50)(_images(0, 60, shift=6))
+    for key in ("fid", "sfid", "is_mean", "precision", "recall"):
+        assert result[f"{key}_low"] <= result[key] <= result[f"{key}_high"], key
+        assert result[f"{key}_low"] < result[f"{key}_high"], key
+    keys = list(result)
+    assert keys[keys.index("fid"):keys.index("fid") + 3] == ["fid", "fid_low", "fid_high"]
+    assert (result["quality_interval"], result["quality_resamples"], result["quality_interval_seed"]) == (
+        "bootstrap-normal-95", 50, 0)
+    assert "is_std_low" not in result  # the spread over splits has no interval of its own
+    # the values themselves are those without intervals
+    plain = quality_metrics(_images(0, 60, shift=6), _images(1, 80), BlockExtractor(), is_split_size=20)
+    assert {k: result[k] for k in plain} == plain
+
+
+def test_no_resamples_no_intervals():
+    result = _quality(resamples=0)(_images(0, 60))
+    assert not [k for k in result if k.endswith(("_low", "_high")) or k.startswith("quality_")]
+
+
+def test_paired_scores_each_set_as_alone_and_adds_the_differences():
+    ex = BlockExtractor()
+    quality = _quality(ex, resamples=40)
+    ours, base = _images(0, 60, shift=30), _images(0, 60, shift=24)  # the same noise shifted: strongly paired
+    got, got_base = quality.paired(ours, base)
+    assert sorted(ex.calls) == [60, 60, 80]  # each set extracted once, the reference once
+    alone, alone_base = _quality(resamples=40)(ours), _quality(resamples=40)(base)
+    assert got_base == alone_base and {k: got[k] for k in alone} == alone
+    for key in ("fid", "sfid", "is_mean", "precision", "recall"):
+        assert got[f"{key}_delta"] == pytest.approx(alone[key] - alone_base[key], abs=1e-12), key
+        assert got[f"{key}_delta_low"] <= got[f"{key}_delta"] <= got[f"{key}_delta_high"], key
+        assert f"{key}_delta" not in got_base
+    keys = list(got)
+    assert keys[keys.index("fid"):keys.index("fid") + 6] == [
+        "fid", "fid_low", "fid_high", "fid_delta", "fid_delta_low", "fid_delta_high"]
+    # paired: far tighter than the two intervals side by side
+    unpaired = np.hypot(got["fid_high"] - got["fid"], got_base["fid_high"] - got_base["fid"])
+    assert got["fid_delta_high"] - got["fid_delta"] < 0.5 * unpaired
+
+
+def test_paired_needs_sets_of_equal_size():
+    with pytest.raises(ValueError, match="as many images as baseline images, got 60 and 40"):
+        _quality(resamples=0).paired(_images(0, 60), _images(0, 40))
+
+
+def test_bad_resamples_fail_at_construction():
+    with pytest.raises(ValueError, match="quality.resamples must be 0 .* got 3"):
+        _quality(resamples=3)

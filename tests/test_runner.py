@@ -163,6 +163,28 @@ def test_regression_on_a_fixed_subset(tmp_path):
             assert got[k] == pytest.approx(v, rel=2e-4, abs=1e-9), k
 
 
+@pytest.mark.integration
+def test_full_run_scores_run_and_baseline_paired(tmp_path):
+    """run.mode=full: each quality number with its interval, the cached run's difference to its baseline
+    with the paired interval; the table carries them, each after its metric."""
+    from bench.report.table import build_table
+
+    cfg = compose_cfg(*REGRESSION_ARGS, "quality.resamples=20", f"run.store_dir={tmp_path}/store")
+    rec = json.loads(run(cfg, tmp_path / "sweep" / "0").read_text())
+    m, b = rec["measurements"], rec["baseline"]["measurements"]
+    for key in ("fid", "is_mean", "precision", "recall"):
+        assert m[f"{key}_delta"] == pytest.approx(m[key] - b[key]), key
+        assert m[f"{key}_delta_low"] <= m[f"{key}_delta"] <= m[f"{key}_delta_high"], key
+        assert b[f"{key}_low"] <= b[key] <= b[f"{key}_high"] and f"{key}_delta" not in b, key
+    assert m["quality_interval"] == b["quality_interval"] == "bootstrap-normal-95"
+    assert m["quality_resamples"] == 20
+    table = build_table(tmp_path / "sweep")
+    cols = list(table.columns)
+    assert cols[cols.index("fid"):cols.index("fid") + 6] == [
+        "fid", "fid_low", "fid_high", "fid_delta", "fid_delta_low", "fid_delta_high"]
+    assert np.isnan(table.loc[0, "fid_delta"]) and table.loc[1, "fid_delta"] == pytest.approx(m["fid_delta"])
+
+
 @pytest.mark.parametrize(
     "args,expect",
     [

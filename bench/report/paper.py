@@ -122,6 +122,7 @@ def merge(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any]) 
         if col not in ours:
             ours[col] = None
     spread = [f"{v}_pm" for v in values if v in ours and f"{v}_pm" in ours]  # a speed-up's ± (bench.cost.timing)
+    spread += [f"{v}{e}" for v in values if v in QUALITY_COLUMNS for e in ("_low", "_high") if f"{v}{e}" in ours]
     left = ours[index + [v for v in values if v in ours] + spread].copy()
     left["_k"] = left[index].apply(lambda r: tuple(_key(v) for v in r), axis=1)
     left = left.drop_duplicates("_k", keep="last")
@@ -144,7 +145,8 @@ def merge(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any]) 
         if f"{v}_paper" in out:
             ours_v, paper_v = pd.to_numeric(out[v], errors="coerce"), pd.to_numeric(out[f"{v}_paper"], errors="coerce")
             out[f"{v}_delta"] = ours_v - paper_v
-    cols = index + [c for v in values for c in (v, f"{v}_pm", f"{v}_paper", f"{v}_delta") if c in out]
+    cols = index + [c for v in values for c in (v, f"{v}_pm", f"{v}_low", f"{v}_high", f"{v}_paper", f"{v}_delta")
+                    if c in out]
     return out[cols]
 
 
@@ -213,12 +215,17 @@ def notes(spec: dict[str, Any], ours: pd.DataFrame, records: list[tuple[str, dic
     return out + list(spec.get("notes") or [])
 
 
-def _cell(v: Any, delta: bool = False) -> str:
+def _cell(v: Any, delta: bool = False, low: Any = None, high: Any = None) -> str:
+    """A value for people; with its interval (a quality metric's ``_low`` / ``_high``, metrics.bootstrap)
+    as `` ±h``, h the larger distance from the value to an end of the interval."""
     if isinstance(v, str):
         return v
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
-    return f"{v:+.3g}" if delta else fmt(v)
+    text = f"{v:+.3g}" if delta else fmt(v)
+    if all(isinstance(x, (int, float)) and not math.isnan(x) for x in (low, high)):
+        text += f" ±{max(high - v, v - low):.2g}"
+    return text
 
 
 def _spread(pm: Any) -> str:
@@ -233,11 +240,14 @@ def _display(df: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
     shown: dict[str, list[str]] = {}
     for col in df.columns:
         group, _, name = col.rpartition("/")
-        if name.endswith(("_paper", "_delta", "_pm")):
+        if name.endswith(("_paper", "_delta", "_pm", "_low", "_high")):
             continue
         header = (f"{group} " if group else "") + labels.get(name, name)
         paper, delta, pm = f"{col}_paper", f"{col}_delta", f"{col}_pm"
-        mine = [_cell(o) + _spread(s) for o, s in zip(df[col], df[pm] if pm in df else [None] * len(df))]
+        none = [None] * len(df)
+        mine = [_cell(o, low=lo, high=hi) + _spread(s) for o, s, lo, hi in zip(
+            df[col], df[pm] if pm in df else none, df[f"{col}_low"] if f"{col}_low" in df else none,
+            df[f"{col}_high"] if f"{col}_high" in df else none)]
         if paper in df:
             shown[header] = [
                 f"{o} ({_cell(p)}; {_cell(d, delta=True)})" if not (isinstance(p, float) and math.isnan(p)) else o
@@ -298,7 +308,7 @@ def plot(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any], p
                 ax.plot(g[p["x"]], g[p["y"]], style, color=color, label=label)
                 low, high = f"{p['y']}_low", f"{p['y']}_high"
                 if source == "ours" and low in g and high in g and g[low].notna().any():
-                    # the speed-up's bootstrap interval (bench.cost.timing)
+                    # the bootstrap interval: the speed-up's (bench.cost.timing), a quality metric's (metrics.bootstrap)
                     ax.errorbar(g[p["x"]], g[p["y"]], yerr=[g[p["y"]] - g[low], g[high] - g[p["y"]]],
                                 fmt="none", ecolor=color, capsize=2, alpha=0.7)
         ax.set_xlabel(labels.get(p["x"], p["x"]))

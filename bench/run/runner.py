@@ -219,17 +219,38 @@ def run_full(cfg: Any, parts: Parts) -> dict[str, Any] | None:
         return None
     record = {**p.record(settings_record(cfg), Mode.full.value), **generated}
     prompts = pipe.prompts_for(indices)
-    record["measurements"] = evaluate(ImageStore.existing(record["store"]).load(indices), prompts)
-    if "store" in record.get("baseline", {}):
+    images = ImageStore.existing(record["store"]).load(indices)
+    if "store" in record.get("baseline", {}):  # sample i of both from the same noise: paired differences
         base = ImageStore.existing(record["baseline"]["store"]).load(indices)
-        record["baseline"]["measurements"] = evaluate(base, prompts)
+        record["measurements"], record["baseline"]["measurements"] = evaluate.paired(images, base, prompts)
+    else:
+        record["measurements"] = evaluate(images, prompts)
     return _with_cost(record, p)
 
 
-def quality_evaluator(cfg: Any, parts: Parts) -> Callable[[Any, Any], dict[str, Any]]:
+class _Scoring:
+    """A quality evaluator whose ``ValueError`` becomes a one-line :class:`HarnessError`."""
+
+    def __init__(self, evaluator: QualityEvaluator):
+        self.evaluator = evaluator
+
+    def __call__(self, images: Any, prompts: Any) -> dict[str, Any]:
+        try:
+            return self.evaluator(images, prompts)
+        except ValueError as e:
+            raise HarnessError(f"quality: {one_line(e)}") from None
+
+    def paired(self, images: Any, baseline: Any, prompts: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        try:
+            return self.evaluator.paired(images, baseline, prompts)
+        except ValueError as e:
+            raise HarnessError(f"quality: {one_line(e)}") from None
+
+
+def quality_evaluator(cfg: Any, parts: Parts) -> _Scoring:
     """The ``quality`` config instantiated (a :class:`metrics.quality.QualityEvaluator`):
-    ``(images, prompts) -> measurements``; asked whether it can score ``run.num_samples``
-    images before anything is generated."""
+    ``(images, prompts) -> measurements``, ``.paired(images, baseline, prompts)`` -> both;
+    asked whether it can score ``run.num_samples`` images before anything is generated."""
     if not cfg.quality:
         raise HarnessError(
             f"model {parts.model.name} has no quality config (quality={'|'.join(_quality_options())}); "
@@ -240,14 +261,7 @@ def quality_evaluator(cfg: Any, parts: Parts) -> Callable[[Any, Any], dict[str, 
         evaluator.check_samples(parts.num_samples)
     except ValueError as e:
         raise HarnessError(f"run.num_samples={parts.num_samples} cannot be scored: {one_line(e)}") from None
-
-    def evaluate(images: Any, prompts: Any) -> dict[str, Any]:
-        try:
-            return evaluator(images, prompts)
-        except ValueError as e:
-            raise HarnessError(f"quality: {one_line(e)}") from None
-
-    return evaluate
+    return _Scoring(evaluator)
 
 
 def _quality_options() -> list[str]:
@@ -277,7 +291,7 @@ def _evaluator(cfg: Any, parts: Parts) -> QualityEvaluator:
         raise HarnessError(f"quality ({cfg.quality._target_}): {one_line(cause)}") from None
     if not isinstance(evaluator, QualityEvaluator):
         raise HarnessError(f"quality ({cfg.quality._target_}) is not a quality evaluator "
-                           "(metrics.quality.QualityEvaluator: check_samples and __call__)")
+                           "(metrics.quality.QualityEvaluator: check_samples, __call__ and paired)")
     _LAST_EVALUATOR.clear()  # one at a time: a sweep over models does not pile them up
     _LAST_EVALUATOR[key] = evaluator
     return evaluator
