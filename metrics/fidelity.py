@@ -1,10 +1,10 @@
 """Fidelity of each cached image to the uncached image of the same seed: PSNR, SSIM, LPIPS.
 
-Caching papers after DeepCache (e.g. Learning-to-Cache, Delta-DiT, ToCa) report, next to
-FID, how far an accelerated image is from the image the uncached model makes from the same
-noise. :class:`Fidelity` takes two uint8 N x H x W x C batches (C = 1 or 3), image ``i`` of
-one paired with image ``i`` of the other, computes each metric per pair and returns its mean
-with a 95 % interval.
+Caching papers after DeepCache (e.g. Pyramid Attention Broadcast, Zhao et al. 2024; TeaCache,
+Liu et al. 2024) report, next to FID or VBench, how far an accelerated image is from the
+image the uncached model makes from the same noise. :class:`Fidelity` takes two uint8
+N x H x W x C batches (C = 1 or 3), image ``i`` of one paired with image ``i`` of the other,
+computes each metric per pair and returns its mean with a 95 % interval.
 
 Libraries, and why these:
 
@@ -38,7 +38,8 @@ uncached image"):
   ``ssim_index.m``, as scikit-image's ``structural_similarity``) and over channels.
   torchmetrics 1.x averages its map over every pixel of a reflect-padded image instead, which
   moves SSIM by up to ~0.01 on 16 x 16 images: we take its map (``return_full_image``) and
-  average the valid region ourselves.
+  average the valid region ourselves. In float64: in float32 its ``E[x^2] - mu^2`` moves SSIM
+  by up to ~1e-4 on smooth bright images.
   The same window for every image size, so numbers do not change meaning between models; on
   the digits model's 16 x 16 images that is 6 x 6 window positions, which still cover every
   pixel. Images smaller than the window are refused. No automatic downsampling of large
@@ -224,11 +225,11 @@ def _hub_file(net: str) -> Path:
 
 
 def resolve_lpips_backbone(net: str = "alex", path: str | os.PathLike | None = None, *,
-                           download: bool = True, progress: bool = False) -> str:
+                           progress: bool = False) -> str:
     """Local file of the ImageNet weights of LPIPS' backbone: ``path`` if given, else
-    torch hub's cache (where torchvision keeps them), downloading into it when ``download``
-    and downloads are on. A one-line :class:`MissingWeightsError` naming
-    ``metrics.lpips_backbone_weights`` otherwise."""
+    torch hub's cache (where torchvision keeps them), downloading into it when downloads
+    are on. A one-line :class:`MissingWeightsError` naming ``metrics.lpips_backbone_weights``
+    otherwise."""
     import torch
 
     url = backbone_url(net)
@@ -243,11 +244,10 @@ def resolve_lpips_backbone(net: str = "alex", path: str | os.PathLike | None = N
     cached = _hub_file(net)
     if cached.is_file():
         return str(cached)
-    if not download or hub_offline():
-        why = "downloads are off (HF_HUB_OFFLINE)" if hub_offline() else "nothing is downloaded unless LPIPS is asked for"
+    if hub_offline():
         raise MissingWeightsError(
-            f"LPIPS backbone weights {filename} are not in {cached.parent} and {why}: fetch them from {url} and set "
-            f"{LPIPS_WEIGHTS_CONFIG_KEY} to the local file"
+            f"LPIPS backbone weights {filename} are not in {cached.parent} and downloads are off (HF_HUB_OFFLINE): "
+            f"fetch them from {url} and set {LPIPS_WEIGHTS_CONFIG_KEY} to the local file"
         )
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)

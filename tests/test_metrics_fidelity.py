@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,6 +277,27 @@ def test_missing_backbone_offline_is_one_line_naming_the_setting(empty_hub):
     assert "set metrics.lpips_backbone_weights" in msg
     with pytest.raises(MissingWeightsError, match="metrics.lpips_backbone_weights"):
         Fidelity(["psnr", "lpips"], device="cpu")  # asked for by name: refused
+
+
+def test_backbone_is_downloaded_into_torch_hubs_cache_when_downloads_are_on(empty_hub, monkeypatch):
+    calls = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        calls.append((url, hash_prefix))
+        Path(dst).write_bytes(b"weights")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    assert resolve_lpips_backbone("alex") == str(empty_hub / "alexnet-owt-7be5be79.pth")
+    assert calls == [("https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "7be5be79")]
+
+    def no_network(url, dst, hash_prefix=None, progress=True):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(MissingWeightsError, match=r"could not be downloaded .*OSError: Network is unreachable.*"
+                                                  r"set metrics.lpips_backbone_weights"):
+        resolve_lpips_backbone("vgg")
 
 
 def test_backbone_in_torch_hubs_cache_is_found(empty_hub, alex_weights):
