@@ -72,3 +72,19 @@ class LabelMode(Choice):
 def value(x) -> str:
     """The plain string of an enum member or a string."""
     return getattr(x, "value", x)
+
+
+class FidelityMetric(Choice):
+    """``metrics.fidelity``: each cached image against the uncached one of the same seed
+    (:mod:`metrics.fidelity`)."""
+
+    psnr = "psnr"
+    ssim = "ssim"
+    lpips = "lpips"
+
+
+class LpipsNet(Choice):
+    """``metrics.lpips_net``: LPIPS' ImageNet backbone (``lpips`` package names)."""
+
+    alex = "alex"
+    vgg = "vgg"

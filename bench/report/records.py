@@ -19,9 +19,10 @@ from metrics.files import atomic_write_bytes
 RECORD_NAME = "run.json"
 RECORD_VERSION = 2
 # the distributions whose versions a record carries (environment()["packages"]): what
-# generates (torch, diffusers), scores (torch-fidelity, open_clip, transformers) and
-# composes (hydra-core) a run, and numpy, which every statistic goes through
-PACKAGES = ("torch", "diffusers", "torch-fidelity", "open_clip_torch", "transformers", "hydra-core", "numpy")
+# generates (torch, diffusers), scores (torch-fidelity, open_clip, transformers, torchmetrics,
+# lpips) and composes (hydra-core) a run, and numpy, which every statistic goes through
+PACKAGES = ("torch", "diffusers", "torch-fidelity", "open_clip_torch", "transformers", "torchmetrics", "lpips",
+            "hydra-core", "numpy")
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:

@@ -16,7 +16,9 @@ from omegaconf import MISSING
 from bench.core.options import (
     Conditioning,
     DType,
+    FidelityMetric,
     LabelMode,
+    LpipsNet,
     Mode,
     Output,
     Schedule,
@@ -157,6 +159,12 @@ class MetricsConfig:
     clip_pretrained: Optional[str] = "laion2b_s34b_b88k"
     clip_checkpoint: Optional[str] = None  # local open_clip checkpoint
     device: Optional[str] = None  # where features/distances run; null: run.device
+    # fidelity of each cached image to the baseline image of the same index (run.mode=full,
+    # metrics.fidelity; docs/metrics.md): null = psnr and ssim, plus lpips when its backbone
+    # weights are on disk; [] = none. LPIPS asked for by name without weights is refused.
+    fidelity: Optional[List[FidelityMetric]] = None
+    lpips_net: LpipsNet = LpipsNet.alex
+    lpips_backbone_weights: Optional[str] = None  # local torchvision ImageNet weights (alexnet-owt-7be5be79.pth)
 
 
 @dataclass

@@ -19,6 +19,7 @@ and writes the record.
 from __future__ import annotations
 
 import json
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -42,6 +43,8 @@ from bench.run.parts import Parts, resolve
 from bench.sampling import generate
 from bench.sampling import loop as sampling
 from bench.sampling.store import ImageStore
+from metrics.features import MissingWeightsError
+from metrics.fidelity import Fidelity
 from metrics.quality import QualityEvaluator
 
 
@@ -213,6 +216,7 @@ def run_full(cfg: Any, parts: Parts) -> dict[str, Any] | None:
     p = Prepared(parts)
     indices = parts.indices
     evaluate = quality_evaluator(cfg, parts)  # fails before any image is generated
+    fidelity = fidelity_scorer(cfg, parts)  # likewise
     pipe = make_pipeline(parts)
     generated = _generate(p, indices, pipe)
     if not distributed.current().is_main:
@@ -225,6 +229,7 @@ def run_full(cfg: Any, parts: Parts) -> dict[str, Any] | None:
         record["measurements"], record["baseline"]["measurements"] = evaluate.paired(images, base, prompts)
     else:
         record["measurements"] = evaluate(images, prompts)
+    add_fidelity(record, indices, fidelity)
     return _with_cost(record, p)
 
 
@@ -295,6 +300,50 @@ def _evaluator(cfg: Any, parts: Parts) -> QualityEvaluator:
     _LAST_EVALUATOR.clear()  # one at a time: a sweep over models does not pile them up
     _LAST_EVALUATOR[key] = evaluator
     return evaluator
+
+
+# ------------------------------------------------------------------ fidelity to the uncached image
+
+FIDELITY_CHUNK = 1024  # images of each arm in memory at once while comparing them
+_LAST_FIDELITY: dict[str, Fidelity] = {}
+
+
+def fidelity_scorer(cfg: Any, parts: Parts) -> Fidelity | None:
+    """``metrics.fidelity`` as a :class:`metrics.fidelity.Fidelity` (None for ``[]``), built
+    before anything is generated: LPIPS asked for by name without its weights is refused
+    here; left to the default, it is skipped with one warning line. A sweep's jobs share it."""
+    m = cfg.metrics
+    which = None if m.fidelity is None else [value(x) for x in m.fidelity]
+    if which == []:
+        return None
+    device = m.device or parts.device
+    key = json.dumps([which, value(m.lpips_net), m.lpips_backbone_weights, device, m.batch_size])
+    scorer = _LAST_FIDELITY.get(key)
+    if scorer is None:
+        try:
+            scorer = Fidelity(which, lpips_net=value(m.lpips_net), lpips_backbone_weights=m.lpips_backbone_weights,
+                              device=device, batch_size=m.batch_size, progress=parts.generation.progress)
+        except (MissingWeightsError, ValueError) as e:
+            raise HarnessError(f"metrics.fidelity: {one_line(e)}") from None
+        _LAST_FIDELITY.clear()
+        _LAST_FIDELITY[key] = scorer
+    if scorer.lpips_missing:
+        print(f"warning: {scorer.lpips_missing}", file=sys.stderr)
+    return scorer
+
+
+def add_fidelity(record: dict[str, Any], indices: range, scorer: Fidelity | None) -> None:
+    """PSNR / SSIM / LPIPS of each cached image against the baseline image of the same index,
+    into the run's measurements (the baseline row gets none); only where the baseline's
+    images exist. Compared chunk by chunk, so a large run never holds both arms at once."""
+    if scorer is None or "store" not in record.get("baseline", {}):
+        return
+    cached, base = ImageStore.existing(record["store"]), ImageStore.existing(record["baseline"]["store"])
+    chunks = (indices[i:i + FIDELITY_CHUNK] for i in range(0, len(indices), FIDELITY_CHUNK))
+    try:
+        record["measurements"].update(scorer.score_chunks((cached.load(r), base.load(r)) for r in chunks))
+    except ValueError as e:
+        raise HarnessError(f"metrics.fidelity: {one_line(e)}") from None
 
 
 MODES: dict[str, Callable[[Any, Parts], dict[str, Any] | None]] = {

@@ -291,7 +291,7 @@ def _in_hub_cache(repo_id: str, subfolder: str | None) -> bool:
 
 def metric_files(m: Any) -> None:
     """Paths given in ``metrics.*`` exist, and an ``.npz`` reference can be opened."""
-    for key in ("reference", "inception_weights", "clip_checkpoint"):
+    for key in ("reference", "inception_weights", "clip_checkpoint", "lpips_backbone_weights"):
         path = m[key]
         if path is None:
             continue
