@@ -14,6 +14,7 @@ from typing import Any, List, Optional
 from omegaconf import MISSING
 
 from bench.core.options import (
+    Ablation,
     Conditioning,
     DType,
     LabelMode,
@@ -34,6 +35,8 @@ class CacheConfig:
     schedule: Schedule = Schedule.uniform
     center: Optional[float] = None
     power: Optional[float] = None
+    # zeros: retrieval calls get zeros in place of the cached feature (main paper Table 5)
+    ablation: Ablation = Ablation.none
 
 
 @dataclass
