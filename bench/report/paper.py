@@ -335,7 +335,17 @@ def layout(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any],
 # -------------------------------------------------------------------------------------- notes
 
 
-def _nonuniform_note(ours: pd.DataFrame) -> str | None:
+def _defaults(records: list[tuple[str, dict[str, Any]]]) -> set[tuple[str, str]]:
+    """The models' default (c, p) (``model.nonuniform_default``), as formatted."""
+    out = set()
+    for _, r in records:
+        d = (((r.get("settings") or {}).get("model") or {}).get("nonuniform_default")) or {}
+        if d.get("center") is not None:
+            out.add((fmt(d["center"]), fmt(d.get("power"))))
+    return out
+
+
+def _nonuniform_note(ours: pd.DataFrame, defaults: set[tuple[str, str]] = frozenset()) -> str | None:
     """The (c, p) our non-uniform rows ran with, per N (Table 9 / 10 / the model's default)."""
     if "schedule" not in ours or "center" not in ours:
         return None
@@ -348,7 +358,8 @@ def _nonuniform_note(ours: pd.DataFrame) -> str | None:
     distinct = {cp for s in pairs.values() for cp in s}
     if len(distinct) == 1 and len(pairs) > 1:
         c, p = next(iter(distinct))
-        return f"Our non-uniform rows ran with c = {c}, p = {p} at every N."
+        whose = " (the model's default, its conf/model/*.yaml)" if (c, p) in defaults else ""
+        return f"Our non-uniform rows ran with c = {c}, p = {p} at every N{whose}."
     per = "; ".join(f"N = {n}: " + ", ".join(f"c = {c}, p = {p}" for c, p in sorted(s)) for n, s in pairs.items())
     return f"Our non-uniform rows ran with {per}."
 
@@ -439,7 +450,7 @@ def notes(spec: dict[str, Any], ours: pd.DataFrame, records: list[tuple[str, dic
         out.append(f"Speed of other models than {against.get('model')}: their throughput over that of "
                    f"{against.get('model')}'s row with {row}" + (f" (the same {within})" if within else "")
                    + ", timed in separate jobs; the other rows' speed-ups are paired measurements.")
-    if (line := _nonuniform_note(ours)) is not None:
+    if not {"center", "power"} & set(index_columns(spec)) and (line := _nonuniform_note(ours, _defaults(records))) is not None:
         out.append(line)
     out += _below_one_note(ours, spec)
     unreliable = int((ours.get("timing_reliable") == False).sum()) if "timing_reliable" in ours else 0  # noqa: E712
@@ -578,11 +589,26 @@ def plot(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any], p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = dict(spec.get("values") or {})
-    labels = {**dict(spec.get("labels") or {}), **labels}
-    fig, axes = plt.subplots(1, len(axes_plan), figsize=(5.2 * len(axes_plan), 4.3), squeeze=False)
+    labels = {"speedup": "Speed", "macs_g": "MACs (G)", "fid": "FID", "clip_score": "CLIP score",
+              **dict(spec.get("labels") or {}), **dict(spec.get("values") or {})}
+    env = _env(records)
+
+    def axis(col: str, only: set[str]) -> str:
+        """An axis's label; a timing axis of ours alone says on what ours was timed."""
+        text = labels.get(col, col)
+        if col in TIMING_COLUMNS and only == {"ours"} and env:
+            text += f" (ours, on {env.get('device')})"
+        elif col in TIMING_COLUMNS and only == {"paper"}:
+            text += f" (the paper's, on {PAPER_DEVICE})"
+        return text
+
+    ncols = min(3, len(axes_plan))
+    nrows = math.ceil(len(axes_plan) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.0 * nrows + 0.4), squeeze=False)
+    for ax in axes.flat[len(axes_plan):]:
+        ax.set_visible(False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (p, sources) in zip(axes[0], axes_plan):
+    for ax, (p, sources) in zip(axes.flat, axes_plan):
         series = list(p.get("series") or [])
         names: dict[tuple, int] = {}
         for source, df, style in sources:
@@ -613,8 +639,8 @@ def plot(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any], p
         elif only == {"ours"} and has(paper_num, p):
             title += "\nours only (not comparable with the paper's: next panel)"
         ax.set_title(title, fontsize=8)
-        ax.set_xlabel(labels.get(p["x"], p["x"]))
-        ax.set_ylabel(labels.get(p["y"], p["y"]))
+        ax.set_xlabel(axis(p["x"], only))
+        ax.set_ylabel(axis(p["y"], only))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{_ours_caption(ours, records)}\npaper: {spec.get('title') or spec['name']}", fontsize=8)
