@@ -440,7 +440,9 @@ def notes(spec: dict[str, Any], ours: pd.DataFrame, records: list[tuple[str, dic
         protocols = _protocols(ours) if scored else []
         branches = sorted(set(ours.loc[ours["schedule"].astype(str).ne("none"), "branch"].dropna().astype(int))) \
             if "branch" in ours and "schedule" in ours and "branch" not in index_columns(spec) else []
-        out.append(f"Ours: model {', '.join(models)}" + (f", branch {', '.join(map(str, branches))}" if branches else "")
+        random = "weights" in ours and ours["weights"].astype(str).eq("random").all()
+        out.append(f"Ours: model {', '.join(models)}" + (" (random weights: cost only)" if random else "")
+                   + (f", branch {', '.join(map(str, branches))}" if branches else "")
                    + (f", {', '.join(map(str, n))} samples per row" if n else "")
                    + (f", quality protocol {', '.join(protocols)}" if protocols else "") + ".")
     against = spec.get("speedup_against")
@@ -453,7 +455,8 @@ def notes(spec: dict[str, Any], ours: pd.DataFrame, records: list[tuple[str, dic
     if not {"center", "power"} & set(index_columns(spec)) and (line := _nonuniform_note(ours, _defaults(records))) is not None:
         out.append(line)
     out += _below_one_note(ours, spec)
-    unreliable = int((ours.get("timing_reliable") == False).sum()) if "timing_reliable" in ours else 0  # noqa: E712
+    timed_speed = "timing_reliable" in ours and "speedup" in values
+    unreliable = int(ours["timing_reliable"].eq(False).sum()) if timed_speed else 0
     if unreliable:
         out.append(f"{unreliable} row(s) have a speed-up whose interval is wider than the precision asked for "
                    "(timing_reliable = False in the csv).")
@@ -540,8 +543,8 @@ def to_latex(table: pd.DataFrame, spec: dict[str, Any], note_lines: list[str]) -
 def _ours_caption(ours: pd.DataFrame, records: list[tuple[str, dict[str, Any]]]) -> str:
     """What ran: model, sampler and steps, device, quality protocol."""
     models = ", ".join(sorted(set(ours["model"].dropna().astype(str)))) if "model" in ours else "?"
-    runs = sorted({f"{r['sampler']}-{fmt(r['steps'])}" for _, r in ours.iterrows()
-                   if not _missing(r.get("sampler")) and not _missing(r.get("steps"))})
+    runs = [f"{a}-{fmt(b)}" for a, b in sorted({(r["sampler"], float(r["steps"])) for _, r in ours.iterrows()
+                                                   if not _missing(r.get("sampler")) and not _missing(r.get("steps"))})]
     env = _env(records)
     protocols = _protocols(ours)
     return (f"ours: {models}" + (f", {'/'.join(runs)}" if runs else "")
@@ -592,6 +595,7 @@ def plot(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any], p
     labels = {"speedup": "Speed", "macs_g": "MACs (G)", "fid": "FID", "clip_score": "CLIP score",
               **dict(spec.get("labels") or {}), **dict(spec.get("values") or {})}
     env = _env(records)
+    group_names = dict(spec.get("groups") or {})
 
     def axis(col: str, only: set[str]) -> str:
         """An axis's label; a timing axis of ours alone says on what ours was timed."""
@@ -623,7 +627,7 @@ def plot(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any], p
                 if g.empty:
                     continue
                 color = colors[names.setdefault(tuple(key), len(names)) % len(colors)]
-                label = " ".join(str(k) for k in key)
+                label = " ".join(str(group_names.get(k, k)) for k in key)
                 label = f"{label} ({source})" if label else source
                 ax.plot(g[p["x"]], g[p["y"]], style, color=color, label=label)
                 low, high = f"{p['y']}_low", f"{p['y']}_high"
