@@ -271,3 +271,45 @@ def test_every_paper_table_runs_and_renders(name, tiny_sd, tmp_path):
         if name_.endswith("_delta") and not name_.startswith("macs"):
             assert (table[c] == "").all(), f"{name}: {c} has a difference"
     assert "Comparable" in md or not any(v.startswith("macs") for v in value_columns(spec))
+
+
+def test_ours_in_the_papers_units_and_old_records_too():
+    """Precision and recall: ours (fractions) converted to the paper's percent; a record written
+    with the former ``paper_scale`` (the paper's converted to fractions) renders the same."""
+    from bench.report.paper import our_rows
+
+    table = pd.DataFrame({"interval": [2], "precision": [0.8275], "status": ["ok"]})
+    for spec in ({"ours_scale": {"precision": 100}}, _plain_spec({"paper_scale": {"precision": 0.01}})):
+        spec = {**spec, "name": "t", "index": ["interval"], "values": {"precision": "Precision"}}
+        assert our_rows(table, spec)["precision"].iloc[0] == pytest.approx(82.75)
+        assert "Precision in percent, the paper's unit" in " ".join(notes(spec, our_rows(table, spec), []))
+
+
+def test_other_models_speed_is_against_the_reference_row():
+    """BK-SDM rows (main Table 3): speed = their throughput over SD v1.5's PLMS-50 row's of the
+    same prompt set (their own record times them against themselves)."""
+    from bench.report.paper import our_rows
+
+    spec = {"name": "t", "index": ["prompts", "model"], "values": {"speedup": "Speed"},
+            "speedup_against": {"model": "sd15", "schedule": "none", "steps": 50}, "speedup_within": ["prompts"]}
+    table = pd.DataFrame({"prompts": ["a", "b", "a", "b"], "model": ["sd15", "sd15", "bk", "bk"],
+                          "schedule": ["none"] * 4, "steps": [50] * 4, "throughput": [0.2, 0.4, 0.3, 0.5],
+                          "speedup": [1.0, 1.0, 1.0, 1.0], "speedup_pm": [0.01] * 4, "status": ["ok"] * 4})
+    ours = our_rows(table, spec)
+    assert list(ours["speedup"]) == pytest.approx([1.0, 1.0, 1.5, 1.25])
+    assert ours["speedup_pm"].isna().tolist() == [False, False, True, True]
+    assert any("separate jobs" in n for n in notes(spec, ours, []))
+
+
+def test_the_notes_name_the_nonuniform_settings_and_models_that_shared_weights():
+    spec = {"name": "t", "index": ["schedule", "interval"], "values": {"fid": "FID"}}
+    ours = pd.DataFrame({"schedule": ["nonuniform"] * 2, "interval": [10, 20], "center": [70.0, 70.0],
+                         "power": [1.2, 1.2], "fid": [8.2, 9.6], "model": ["digits"] * 2})
+    rec = {"status": "ok", "weights_fingerprint": "w",
+           "settings": {"model": {"name": "sd15", "nonuniform_default": {"center": 70, "power": 1.2}}}}
+    bk = {**rec, "settings": {"model": {"name": "bk_sdm_base"}}}
+    lines = notes(spec, ours, [("0", rec), ("1", bk)])
+    assert "Our non-uniform rows ran with c = 70, p = 1.2 at every N (the model's default" in " ".join(lines)
+    assert any(n.startswith("Warning: bk_sdm_base, sd15 ran with the same weights") for n in lines)
+    ours.loc[1, "center"] = 120.0
+    assert "N = 10: c = 70, p = 1.2; N = 20: c = 120, p = 1.2" in " ".join(notes(spec, ours, []))

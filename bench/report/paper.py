@@ -39,6 +39,8 @@ TIMING_COLUMNS = {"throughput", "throughput_baseline", "speedup", "speedup_low",
 QUALITY_COLUMNS = {"fid", "sfid", "is_mean", "precision", "recall", "clip_score"}
 PAPER_DEVICE = "one RTX 2080"
 EMPTY = "—"
+CELLS = ("Cells: ours (the paper's; ours − the paper's) where the two are comparable, else ours (the paper's); "
+         "the paper's numbers as printed.")
 
 
 def _paper_dirs() -> list[Path]:
@@ -518,9 +520,7 @@ def _display(df: pd.DataFrame, spec: dict[str, Any]) -> pd.DataFrame:
 
 
 def to_markdown(table: pd.DataFrame, spec: dict[str, Any], note_lines: list[str]) -> str:
-    lines = [f"### {spec.get('title') or spec['name']}", "",
-             "Cells: ours (the paper's; ours − the paper's) where the two are comparable, else ours (the "
-             "paper's); the paper's numbers as printed.", "",
+    lines = [f"### {spec.get('title') or spec['name']}", "", CELLS, "",
              _display(table, spec).to_markdown(index=False, disable_numparse=True), ""]
     lines += [f"- {n}" for n in note_lines]
     return "\n".join(lines) + "\n"
