@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from bench.report.paper import layout, merge, plot, to_markdown
+from bench.report.paper import cell, layout, merge, plot, to_markdown
 
 SPEC = {"name": "t", "index": ["schedule", "interval"], "values": {"fid": "FID", "speedup": "Speed"},
         "pivot": "schedule", "pivot_shared": "none"}
@@ -22,22 +22,22 @@ def _ours():
 
 
 def test_quality_cells_show_their_halfwidth_and_the_csv_carries_the_interval():
-    paper = pd.DataFrame({"schedule": ["none", "uniform"], "interval": [1, 5], "fid": [3.4, 3.9]})
-    merged = merge(_ours(), paper, SPEC)
+    paper = pd.DataFrame({"schedule": ["none", "uniform"], "interval": ["1", "5"], "fid": ["3.4", "3.9"]})
+    merged = merge(_ours(), paper, ["schedule", "interval"], ["fid", "speedup"], compared={"fid"})
     assert list(merged.columns) == ["schedule", "interval", "fid", "fid_low", "fid_high", "fid_paper", "fid_delta",
                                     "speedup", "speedup_pm"]  # the speed-up keeps its relative ±, once
     assert merged.loc[1, "fid_delta"] == pytest.approx(7.92 - 3.9)  # ours minus the paper's, as before
-    md = to_markdown(layout(merged, SPEC), SPEC, [])
-    assert "| 9.343 ±0.46 (3.4; +5.94)" in md  # max(9.8 - 9.343, 9.343 - 8.9) = 0.457
-    assert "| 7.92 ±0.48 (3.9; +4.02)" in md
+    md = to_markdown(layout(_ours(), paper, SPEC, compared={"fid"}), SPEC, [])
+    assert "9.343 ±0.46 (3.4; +5.94)" in md  # max(9.8 - 9.343, 9.343 - 8.9) = 0.457
+    assert "7.92 ±0.48 (3.9; +4.02)" in md
     assert "| 8.5 " in md and "8.5 ±" not in md  # no interval, no ±
     assert "3.1 ±2.0 %" in md and "3.1 ±2.0 % ±" not in md
 
 
 def test_an_interval_off_centre_is_shown_by_its_larger_side():
-    ours = pd.DataFrame({"interval": [5], "fid": [10.0], "fid_low": [9.0], "fid_high": [10.2]})
-    spec = {"name": "t", "index": ["interval"], "values": {"fid": "FID"}}
-    assert "| 10 ±1" in to_markdown(merge(ours, None, spec), spec, [])
+    assert cell(10.0, low=9.0, high=10.2) == "10 ±1"
+    assert cell(10.0, "9.5", 0.5, low=9.9, high=10.3) == "10 ±0.3 (9.5; +0.5)"
+    assert cell(10.0, low=float("nan"), high=10.3) == "10"  # no whole interval, no ±
 
 
 def test_the_plot_draws_the_quality_interval_as_error_bars(tmp_path, monkeypatch):

@@ -245,7 +245,7 @@ def test_a_paper_table_brings_its_notes_figure_and_comparability(tmp_path, capsy
     inconsistencies = trust[trust.index("**The paper's inconsistencies"):]
     assert "- S1 table13: Branches 7 and 8 are about 2 % above the paper" in inconsistencies
     s1 = _section(md, "## S1: Supp. Table 13")
-    assert "| branch" in s1 and "Cells: ours (the paper's" in s1  # the rendered paper layout
+    assert "| Skip branch" in s1 and "Cells: ours (the paper's" in s1  # the rendered paper layout
     assert "![Supp. Table 13" in s1 and (tmp_path / "out" / "s1-table13.png").is_file()
     assert r"\includegraphics[width=\linewidth]{s1-table13.png}" in tex
     assert _commands(s1) == [f"python run.py -m experiment=table13 cache.branch=1,2 hydra.sweep.dir={d}-rerun"]

@@ -39,7 +39,7 @@ from torch import nn
 
 from bench.caching.schedules import SCHEDULES, ScheduleError
 from bench.caching.schedules import full_calls as schedule_full_calls
-from bench.core.options import Schedule
+from bench.core.options import Ablation, Schedule
 
 
 class CacheError(ValueError):
@@ -52,6 +52,8 @@ class CacheSettings:
 
     ``branch`` uses the paper's numbering (1-based): branch ``k`` caches at skip
     index ``k - 1``. Branch 1 runs no down-sampling block and one up-sampling layer.
+    ``ablation`` ``zeros`` is the main paper's Table 5 ablation: a retrieval call gets zeros
+    of the stored feature's shape in its place (full calls are unchanged).
     """
 
     interval: int = 1
@@ -59,6 +61,7 @@ class CacheSettings:
     schedule: str = Schedule.uniform.value
     center: float | None = None
     power: float | None = None
+    ablation: str = Ablation.none.value
 
     def __post_init__(self) -> None:
         if int(self.interval) != self.interval or self.interval < 1:
@@ -69,6 +72,8 @@ class CacheSettings:
             )
         if int(self.branch) != self.branch or self.branch < 1:
             raise CacheError(f"cache.branch must be an integer >= 1, got {self.branch}")
+        if self.ablation not in Ablation.names():
+            raise CacheError(f"cache.ablation={self.ablation!r} is not one of {', '.join(Ablation.names())}")
 
     @property
     def enabled(self) -> bool:
@@ -172,6 +177,8 @@ def _view(module: nn.Module, **children: nn.Module | None) -> nn.Module:
     view.__dict__.update(module.__dict__)
     view.__dict__["_modules"] = {**module._modules, **children}
     view.__dict__.pop("forward", None)
+    for name in children:  # a child that was None is a plain attribute (a U-Net without a mid block)
+        view.__dict__.pop(name, None)
     return view
 
 
@@ -319,6 +326,8 @@ class DeepCache:
             else:
                 self._check_retrieval(args, kwargs)
                 self._stored.tensor = state.stored
+                if state.settings.ablation == Ablation.zeros:  # main paper Table 5
+                    self._stored.tensor = torch.zeros_like(state.stored)
                 try:
                     out = type(self.unet).forward(self._retrieval_unet, *args, **kwargs)
                 finally:

@@ -27,6 +27,11 @@ class Schedule(Choice):
     none = "none"  # every call full: the uncached baseline
 
 
+class Ablation(Choice):
+    none = "none"  # DeepCache as published
+    zeros = "zeros"  # retrieval calls get zeros in place of the stored feature (main paper Table 5)
+
+
 class Weights(Choice):
     pretrained = "pretrained"  # from_pretrained(model.pretrained): hub id or local directory
     random = "random"  # the shipped architecture, seeded random weights

@@ -35,7 +35,7 @@ TABLE_NAME = "table.csv"
 # what identifies a row (settings), in this order; measurements follow
 SETTING_COLUMNS = [
     "model", "prompts", "weights", "sampler", "steps", "model_calls", "schedule", "interval", "branch",
-    "center", "power", "seed", "num_samples",
+    "center", "power", "ablation", "seed", "num_samples",
 ]
 TAIL_COLUMNS = ["status", "error", "job"]
 MISSING = "missing"
@@ -58,6 +58,8 @@ def _settings_row(rec: dict[str, Any], cache: dict[str, Any], arm: dict[str, Any
         "branch": cache["branch"],
         "center": cache.get("center"),
         "power": cache.get("power"),
+        # an ablation (main paper Table 5) only: tables of ordinary runs keep their columns
+        "ablation": None if cache.get("ablation") in (None, "none") else cache["ablation"],
         "seed": s["run"]["seed"],
         "num_samples": rec.get("num_samples", s["run"]["num_samples"]),
     }
@@ -131,6 +133,8 @@ def build_table(sweep_dir: str | Path) -> pd.DataFrame:
     is_base = df["schedule"].eq(Schedule.none.value) & df["status"].eq("ok")
     df = pd.concat([df[is_base].drop_duplicates(subset=key), df[~is_base]]).sort_index()
     df = df.dropna(axis=1, how="all")
+    if "ablation" in df:  # some row is an ablation: name the others' setting too
+        df["ablation"] = df["ablation"].fillna("none")
     # measurements in the order a cached run's record lists them (a baseline has fewer)
     measured: list[str] = []
     for r in sorted(rows, key=lambda r: r.get("schedule") == Schedule.none):

@@ -14,6 +14,7 @@ from typing import Any, List, Optional
 from omegaconf import MISSING
 
 from bench.core.options import (
+    Ablation,
     Conditioning,
     DType,
     FidelityMetric,
@@ -36,6 +37,8 @@ class CacheConfig:
     schedule: Schedule = Schedule.uniform
     center: Optional[float] = None
     power: Optional[float] = None
+    # zeros: retrieval calls get zeros in place of the cached feature (main paper Table 5)
+    ablation: Ablation = Ablation.none
 
 
 @dataclass
@@ -170,7 +173,8 @@ class MetricsConfig:
 @dataclass
 class PlotSpec:
     """One figure of a paper table: ``y`` against ``x``, one line per ``series`` value, ours
-    solid and the paper's dashed."""
+    solid and the paper's dashed -- on one axis where both quantities are comparable, else
+    in panels of their own."""
 
     x: str = MISSING
     y: str = MISSING
@@ -189,16 +193,42 @@ class SelectSpec:
 
 
 @dataclass
-class TableSpec:
-    """How a sweep becomes one of the paper's tables (bench/tables.py renders it).
+class PanelSpec:
+    """One side of a table the paper prints as several tables side by side, joined row by
+    row (supp. Table 11: uniform | non-uniform; Tables 14, 15: PLMS steps | DeepCache N).
+    ``where`` picks our rows, ``paper_where`` the paper's; they are joined on ``index``
+    within the panel. ``show`` are the key columns shown (default: ``index`` less ``pivot``),
+    ``label`` a column of the paper's file shown as the row's name, ``values`` which of the
+    table's values the panel has (default all), ``pivot`` a setting whose values become
+    column groups, with ``pivot_values`` the values of each group (default all)."""
 
-    Our rows come from the sweep's table.csv (``where`` filters them, ``derived`` adds
-    columns by pandas expressions); the paper's from ``results/paper/<paper>``
-    (``paper_where`` filters, ``paper_columns`` renames to our names, ``paper_scale``
-    converts units, e.g. the paper's percentages to our fractions). Both are joined on
-    ``index``; each of ``values`` gets ours, the paper's and the difference. ``pivot``
-    turns a setting into column groups (rows whose pivot value is ``pivot_shared`` are
-    repeated in every group, as the paper repeats its baseline).
+    name: str = MISSING
+    title: str = ""
+    where: dict[str, Any] = field(default_factory=dict)
+    paper_where: dict[str, Any] = field(default_factory=dict)
+    index: list[str] = field(default_factory=list)
+    show: Optional[list[str]] = None
+    label: Optional[str] = None
+    values: Optional[list[str]] = None
+    pivot: Optional[str] = None
+    pivot_values: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class TableSpec:
+    """How a sweep becomes one of the paper's tables (``bench.report.paper`` renders it).
+
+    Our rows come from the sweep's table.csv (``derived`` adds columns by pandas
+    expressions, ``where`` filters them, ``ours_scale`` converts ours to the paper's unit,
+    e.g. fractions to the paper's percentages); the paper's from ``results/paper/<paper>``,
+    kept as printed (``paper_where`` filters, ``paper_columns`` renames to our names). Both
+    are joined on ``index``; each of ``values`` gets ours, the paper's and -- where the two
+    are comparable (docs/paper-tables.md) -- the difference. ``pivot`` turns a setting into
+    column groups (``groups`` names them, ``pivot_values`` picks each group's values);
+    ``panels`` put several such tables side by side; ``show``, ``label`` and ``labels``
+    name the rows and key columns. ``speedup_against`` (a row of ours, e.g. ``{model: sd15,
+    schedule: none, steps: 50}``) makes the speed-up of other models' rows their throughput
+    over that row's (the one with the same ``speedup_within`` values).
     """
 
     name: str = MISSING
@@ -206,15 +236,22 @@ class TableSpec:
     paper: Optional[str] = None
     paper_where: dict[str, Any] = field(default_factory=dict)
     paper_columns: dict[str, str] = field(default_factory=dict)
-    paper_scale: dict[str, float] = field(default_factory=dict)  # e.g. percentages -> fractions
     paper_protocol: Optional[str] = None
+    ours_scale: dict[str, float] = field(default_factory=dict)  # e.g. fractions -> the paper's percent
     where: dict[str, Any] = field(default_factory=dict)
     derived: dict[str, str] = field(default_factory=dict)
     index: list[str] = field(default_factory=list)
+    show: Optional[list[str]] = None
+    label: Optional[str] = None
+    labels: dict[str, str] = field(default_factory=dict)  # headings of key columns
     pivot: Optional[str] = None
-    pivot_shared: Optional[str] = None
+    pivot_values: dict[str, list[str]] = field(default_factory=dict)  # the values of each pivot group
+    groups: dict[str, str] = field(default_factory=dict)  # headings of pivot values
+    panels: list[PanelSpec] = field(default_factory=list)
     values: dict[str, str] = field(default_factory=dict)
     comparable: list[str] = field(default_factory=list)
+    speedup_against: dict[str, Any] = field(default_factory=dict)
+    speedup_within: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     plots: list[PlotSpec] = field(default_factory=list)
     select: Optional[SelectSpec] = None

@@ -70,7 +70,8 @@ def cache_settings(c: Any, m: Any, prompt_set: str | None = None) -> CacheSettin
         center = params.center if center is None else center
         power = params.power if power is None else power
     try:
-        return CacheSettings(interval=c.interval, branch=branch, schedule=schedule, center=center, power=power)
+        return CacheSettings(interval=c.interval, branch=branch, schedule=schedule, center=center, power=power,
+                             ablation=value(c.get("ablation") or "none"))
     except CacheError as e:
         raise HarnessError(str(e)) from None
 

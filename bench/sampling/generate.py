@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.caching.engine import CacheSettings, deepcache
-from bench.core.options import DType, Schedule
+from bench.core.options import Ablation, DType, Schedule
 from bench.models.loading import LoadedModel, ModelSpec
 from bench.sampling import loop as sampling
 from bench.sampling.loop import SamplerSpec
@@ -36,6 +36,8 @@ def store_key(
     cache: dict[str, Any] = {"schedule": Schedule.none.value}
     if settings.enabled:
         cache = {"branch": settings.branch, "full_calls": list(full_calls)}
+        if settings.ablation != Ablation.none:  # only then: the keys of existing stores stay as they were
+            cache["ablation"] = settings.ablation
     return {
         "model": model.name,
         "weights": loaded.fingerprint,
