@@ -23,8 +23,11 @@ import abc
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+
+from metrics.errors import one_line
 
 __all__ = [
     "INCEPTION_NAME",
@@ -117,6 +120,40 @@ def iter_batches(n: int, batch_size: int, progress: bool = False, desc: str = "f
 def hub_offline() -> bool:
     """True when the environment forbids downloads (``HF_HUB_OFFLINE``, as huggingface_hub reads it)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def local_weights(what: str, url: str, cached: Path, config_key: str, path: str | os.PathLike | None = None, *,
+                  progress: bool = False, hash_prefix: str | None = None) -> str:
+    """Local file of downloadable weights: ``path`` if given; else ``cached`` (torch hub's
+    cache), downloading ``url`` into it when downloads are on (checked against
+    ``hash_prefix`` when given). Otherwise a one-line :class:`MissingWeightsError` naming
+    ``what``, the file, its URL and the setting ``config_key`` that takes a local copy."""
+    import torch
+
+    filename = os.path.basename(url)
+    if path is not None:
+        if not Path(path).expanduser().is_file():
+            raise MissingWeightsError(
+                f"{what} file {path} does not exist ({config_key} must point to a local copy of {filename}, "
+                f"downloaded from {url})"
+            )
+        return str(Path(path).expanduser())
+    if cached.is_file():
+        return str(cached)
+    if hub_offline():
+        raise MissingWeightsError(
+            f"{what} {filename} are not in {cached.parent} and downloads are off (HF_HUB_OFFLINE): "
+            f"fetch them from {url} and set {config_key} to the local file"
+        )
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(cached), hash_prefix=hash_prefix, progress=progress)
+    except Exception as err:  # network errors come in many types; report them in one line
+        raise MissingWeightsError(
+            f"{what} {filename} could not be downloaded from {url} ({type(err).__name__}: "
+            f"{one_line(err)}); set {config_key} to a local copy"
+        ) from None
+    return str(cached)
 
 
 @contextlib.contextmanager

@@ -72,7 +72,7 @@ from typing import Any
 import numpy as np
 
 from metrics.errors import one_line
-from metrics.features import MissingWeightsError, check_images, hub_offline, iter_batches, no_tf32
+from metrics.features import MissingWeightsError, local_weights, check_images, iter_batches, no_tf32
 from metrics.hashing import file_digest
 
 __all__ = [
@@ -230,35 +230,10 @@ def resolve_lpips_backbone(net: str = "alex", path: str | os.PathLike | None = N
     torch hub's cache (where torchvision keeps them), downloading into it when downloads
     are on. A one-line :class:`MissingWeightsError` naming ``metrics.lpips_backbone_weights``
     otherwise."""
-    import torch
-
     url = backbone_url(net)
-    filename = os.path.basename(url)
-    if path is not None:
-        if not Path(path).expanduser().is_file():
-            raise MissingWeightsError(
-                f"LPIPS backbone weights file {path} does not exist ({LPIPS_WEIGHTS_CONFIG_KEY} must point to a "
-                f"local copy of {filename}, downloaded from {url})"
-            )
-        return str(Path(path).expanduser())
-    cached = _hub_file(net)
-    if cached.is_file():
-        return str(cached)
-    if hub_offline():
-        raise MissingWeightsError(
-            f"LPIPS backbone weights {filename} are not in {cached.parent} and downloads are off (HF_HUB_OFFLINE): "
-            f"fetch them from {url} and set {LPIPS_WEIGHTS_CONFIG_KEY} to the local file"
-        )
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        prefix = filename.rsplit("-", 1)[-1].split(".")[0]  # torchvision names its files <name>-<sha256 prefix>.pth
-        torch.hub.download_url_to_file(url, str(cached), hash_prefix=prefix, progress=progress)
-    except Exception as err:  # network errors come in many types; report them in one line
-        raise MissingWeightsError(
-            f"LPIPS backbone weights {filename} could not be downloaded from {url} ({type(err).__name__}: "
-            f"{one_line(err)}); set {LPIPS_WEIGHTS_CONFIG_KEY} to a local copy"
-        ) from None
-    return str(cached)
+    prefix = os.path.basename(url).rsplit("-", 1)[-1].split(".")[0]  # torchvision: <name>-<sha256 prefix>.pth
+    return local_weights("LPIPS backbone weights", url, _hub_file(net), LPIPS_WEIGHTS_CONFIG_KEY, path,
+                         progress=progress, hash_prefix=prefix)
 
 
 def save_random_backbone_weights(path: str | os.PathLike, net: str = "alex", seed: int = 0) -> str:

@@ -58,13 +58,11 @@ import numpy as np
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
-from metrics.errors import one_line
 from metrics.features import (
+    local_weights,
     INCEPTION_NAME,
     FeatureExtractor,
-    MissingWeightsError,
     check_images,
-    hub_offline,
     iter_batches,
     no_tf32,
 )
@@ -97,32 +95,10 @@ def resolve_inception_weights(path: str | os.PathLike | None = None, progress: b
     URL and the config key ``metrics.inception_weights`` when the weights are
     not on disk and cannot be downloaded (``HF_HUB_OFFLINE`` set, no network).
     """
-    url = INCEPTION_WEIGHTS_URL
-    filename = os.path.basename(url)
-    if path is not None:
-        if not Path(path).is_file():
-            raise MissingWeightsError(
-                f"Inception weights file {path} does not exist ({WEIGHTS_CONFIG_KEY} must point to a local copy of "
-                f"{filename}, downloaded from {url})"
-            )
-        return str(path)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
-    if cached.is_file():
-        return str(cached)
-    if hub_offline():
-        raise MissingWeightsError(
-            f"Inception weights {filename} are not in {cached.parent} and downloads are off (HF_HUB_OFFLINE): "
-            f"fetch them from {url} and set {WEIGHTS_CONFIG_KEY} to the local file"
-        )
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(cached), progress=progress)  # no hash check, as torch-fidelity
-    except Exception as err:  # network errors come in many types; report them in one line
-        raise MissingWeightsError(
-            f"Inception weights {filename} could not be downloaded from {url} ({type(err).__name__}: "
-            f"{one_line(err)}); set {WEIGHTS_CONFIG_KEY} to a local copy"
-        ) from None
-    return str(cached)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(INCEPTION_WEIGHTS_URL)
+    # no hash check, as torch-fidelity
+    return local_weights("Inception weights", INCEPTION_WEIGHTS_URL, cached, WEIGHTS_CONFIG_KEY, path,
+                         progress=progress)
 
 
 class _ArchitectureOnly(FeatureExtractorInceptionV3):
