@@ -73,10 +73,11 @@ def test_bad_input_is_one_line(tmp_path, override, expect):
     [
         ("cache.schedule=sometimes", "expected one of [uniform, nonuniform, none]"),
         ("run.dtype=int8", "expected one of [float32, float16, bfloat16]"),
-        ("model=no_such_model", "Could not find 'model/no_such_model'; valid values in 'model': ddpm_bedroom, "
-                                "ddpm_church, ddpm_cifar10, digits, ldm_cin256, sd15"),
+        ("model=no_such_model", "Could not find 'model/no_such_model'; valid values in 'model': bk_sdm_base, "
+                                "bk_sdm_small, bk_sdm_tiny, ddpm_bedroom, ddpm_church, ddpm_cifar10, digits, "
+                                "ldm_cin256, sd15"),
         ("cache.no_such_key=1", "Key 'no_such_key' not in 'CacheConfig'; valid settings of cache: interval, branch, "
-                                "schedule, center, power"),
+                                "schedule, center, power, ablation"),
         ("cache.interval=[", "cannot parse the override 'cache.interval=[': no viable alternative at input '['"),
     ],
 )
