@@ -223,13 +223,13 @@ def run_full(cfg: Any, parts: Parts) -> dict[str, Any] | None:
         return None
     record = {**p.record(settings_record(cfg), Mode.full.value), **generated}
     prompts = pipe.prompts_for(indices)
-    images = ImageStore.existing(record["store"]).load(indices)
+    images, base = ImageStore.existing(record["store"]).load(indices), None
     if "store" in record.get("baseline", {}):  # sample i of both from the same noise: paired differences
         base = ImageStore.existing(record["baseline"]["store"]).load(indices)
         record["measurements"], record["baseline"]["measurements"] = evaluate.paired(images, base, prompts)
     else:
         record["measurements"] = evaluate(images, prompts)
-    add_fidelity(record, indices, fidelity)
+    add_fidelity(record, fidelity, images, base)
     return _with_cost(record, p)
 
 
@@ -304,7 +304,7 @@ def _evaluator(cfg: Any, parts: Parts) -> QualityEvaluator:
 
 # ------------------------------------------------------------------ fidelity to the uncached image
 
-FIDELITY_CHUNK = 1024  # images of each arm in memory at once while comparing them
+FIDELITY_CHUNK = 1024  # image pairs compared at once (bounds the metrics' intermediates)
 _LAST_FIDELITY: dict[str, Fidelity] = {}
 
 
@@ -332,16 +332,16 @@ def fidelity_scorer(cfg: Any, parts: Parts) -> Fidelity | None:
     return scorer
 
 
-def add_fidelity(record: dict[str, Any], indices: range, scorer: Fidelity | None) -> None:
+def add_fidelity(record: dict[str, Any], scorer: Fidelity | None, images: Any, base: Any) -> None:
     """PSNR / SSIM / LPIPS of each cached image against the baseline image of the same index,
     into the run's measurements (the baseline row gets none); only where the baseline's
-    images exist. Compared chunk by chunk, so a large run never holds both arms at once."""
-    if scorer is None or "store" not in record.get("baseline", {}):
+    images exist (``base`` not None). Compared chunk by chunk, bounding the metrics' own
+    intermediates."""
+    if scorer is None or base is None:
         return
-    cached, base = ImageStore.existing(record["store"]), ImageStore.existing(record["baseline"]["store"])
-    chunks = (indices[i:i + FIDELITY_CHUNK] for i in range(0, len(indices), FIDELITY_CHUNK))
+    chunks = ((images[i:i + FIDELITY_CHUNK], base[i:i + FIDELITY_CHUNK]) for i in range(0, len(images), FIDELITY_CHUNK))
     try:
-        record["measurements"].update(scorer.score_chunks((cached.load(r), base.load(r)) for r in chunks))
+        record["measurements"].update(scorer.score_chunks(chunks))
     except ValueError as e:
         raise HarnessError(f"metrics.fidelity: {one_line(e)}") from None
 
