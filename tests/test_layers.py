@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     ("metrics",),  # image-quality metrics: standalone, imports nothing of the harness
     ("bench.core", "bench"),  # errors, options, seeds, image layouts, package paths; bench/__init__
-    ("bench.caching",),  # schedules and the caching engine
+    ("bench.caching",),  # the caching-method interface, schedules, the methods
     ("bench.models",),  # loaders, pipelines, converter, the embedded model's data
     ("bench.sampling",),  # the denoising loop, the image store, generation
     ("bench.cost",),  # MACs, timing, a run's cost record

@@ -31,24 +31,24 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
+from bench.caching.method import FULL, CacheError, CacheMethod, Plan, Target
 from bench.caching.schedules import SCHEDULES, ScheduleError
 from bench.caching.schedules import full_calls as schedule_full_calls
 from bench.core.options import Ablation, Schedule
 
-
-class CacheError(ValueError):
-    """Bad caching settings for a given model."""
+RETRIEVAL = "retrieval"
 
 
 @dataclass(frozen=True)
-class CacheSettings:
-    """What to cache and when.
+class CacheSettings(CacheMethod):
+    """DeepCache's settings (``conf/cache/deepcache.yaml``): what to cache and when.
 
     ``branch`` uses the paper's numbering (1-based): branch ``k`` caches at skip
     index ``k - 1``. Branch 1 runs no down-sampling block and one up-sampling layer.
@@ -83,6 +83,88 @@ class CacheSettings:
         """Planned full calls of a sampling run of ``num_calls`` model calls."""
         schedule = self.schedule if self.enabled else Schedule.none.value
         return schedule_full_calls(num_calls, self.interval, schedule, self.center, self.power)
+
+    # -- the caching-method interface (bench.caching.method) ----------------------------
+    name = "deepcache"
+
+    @classmethod
+    def from_settings(cls, knobs: Mapping[str, Any], model: Mapping[str, Any], prompt_set: str | None = None
+                      ) -> "CacheSettings":
+        """``cache.*`` resolved against the model's paper defaults (``model.*``).
+
+        ``cache.branch`` null -> the model's ``default_branch`` (DDPM 3, LDM 1, SD 2);
+        ``cache.center``/``cache.power`` null -> the model's per-interval table for the prompt
+        set ``prompt_set`` (supp. Table 10), else its per-interval table (supp. Table 9),
+        else its default.
+        """
+        knobs = dict(knobs)
+        cls.check_knobs(knobs)
+        schedule = str(knobs.get("schedule", Schedule.uniform.value))
+        interval = knobs.get("interval", 1)
+        branch = knobs.get("branch")
+        branch = model.get("default_branch", 1) if branch is None else branch
+        center, power = knobs.get("center"), knobs.get("power")
+        if schedule == Schedule.nonuniform and (center is None or power is None):
+            by_prompts = model.get("nonuniform_by_prompts") or {}
+            table = (by_prompts.get(prompt_set) if prompt_set else None) or model.get("nonuniform_by_interval") or {}
+            params = table.get(interval) or model.get("nonuniform_default") or {}
+            center = params["center"] if center is None else center
+            power = params["power"] if power is None else power
+        return cls(interval=interval, branch=branch, schedule=schedule, center=center, power=power,
+                   ablation=str(knobs.get("ablation") or Ablation.none.value))
+
+    def check(self, unet: nn.Module, num_calls: int, target: Target) -> None:
+        skip_index(self.branch, len(skip_table(unet)))
+        if self.power is not None and not (math.isfinite(self.power) and self.power > 1):
+            raise CacheError(f"cache.power={self.power} must be a finite number > 1 (the non-uniform schedule's "
+                             "power; null: the model's default)")
+        if self.center is not None and not 0 <= self.center <= num_calls:
+            raise CacheError(f"cache.center={self.center} must lie in [0, {num_calls}] (a model call of the "
+                             f"{num_calls} this sampler makes; null: the model's default)")
+        try:
+            self.full_calls(num_calls)
+        except ScheduleError as e:
+            raise CacheError(str(e)) from None
+
+    def plan(self, unet: nn.Module, num_calls: int, target: Target, calibrate: Any = None) -> Plan:
+        skip = skip_table(unet)[skip_index(self.branch, len(skip_table(unet)))]
+        try:
+            full = set(self.full_calls(num_calls))
+        except ScheduleError as e:
+            raise CacheError(str(e)) from None
+        kinds = tuple(FULL if i in full else RETRIEVAL for i in range(num_calls))
+        return Plan(kinds, columns=(FULL, RETRIEVAL),
+                    detail={"skip_producer": skip.producer, "skip_consumer": skip.consumer})
+
+    @contextlib.contextmanager
+    def attach(self, unet: nn.Module, plan: Plan, target: Target) -> Iterator["CacheState"]:
+        with deepcache(unet, self, num_calls=plan.num_calls) as state:
+            yield state
+
+    def key(self, plan: Plan) -> dict[str, Any]:
+        """``branch`` and the planned full calls (and an ablation, only when there is one: the
+        keys of existing stores stay as they were)."""
+        cache: dict[str, Any] = {"branch": self.branch, "full_calls": plan.full_calls}
+        if self.ablation != Ablation.none:
+            cache["ablation"] = self.ablation
+        return cache
+
+    def record(self, plan: Plan) -> dict[str, Any]:
+        """The settings, ``center`` and ``power`` only where they apply (the non-uniform
+        schedule), null otherwise -- never a given value that changed nothing. No
+        ``method`` key: DeepCache's records and tables stay as they were."""
+        section = dict(vars(self))
+        if section.get("schedule") != Schedule.nonuniform:
+            section["center"] = section["power"] = None
+        return section
+
+    def label(self) -> str:
+        if not self.enabled:
+            return "no cache"
+        what = f"{self.schedule} N={self.interval} branch {self.branch}"
+        if self.schedule == Schedule.nonuniform:
+            what += f" c={self.center:g} p={self.power:g}"
+        return what
 
 
 @dataclass(frozen=True)
@@ -212,15 +294,31 @@ class CacheState:
     retrieval_calls: int = 0
     runs: int = 0
     stored: torch.Tensor | None = field(default=None, repr=False)
+    executed: list[str] = field(default_factory=list)  # the kind of each call of the current run
+    forced: str | None = None  # force(): the kind the following calls run as, whatever the plan
 
     def reset(self) -> None:
         self.calls = 0
         self.full_calls = []
         self.retrieval_calls = 0
+        self.executed = []
         self.stored = None
+
+    def force(self, kind: str | None) -> None:
+        """Run the following calls as ``full`` or ``retrieval`` (None: follow the plan). A
+        retrieval call reads what the last full call stored."""
+        if kind not in (None, FULL, RETRIEVAL):
+            raise CacheError(f"DeepCache has no call of kind {kind!r}: {FULL}, {RETRIEVAL}")
+        self.forced = kind
+
+    @property
+    def executed_full_calls(self) -> list[int]:
+        return list(self.full_calls)
 
     def next_is_full(self) -> bool:
         i = self.calls
+        if self.forced is not None:
+            return self.forced == FULL
         if not self.settings.enabled:
             return True
         if self.plan is not None:
@@ -323,6 +421,7 @@ class DeepCache:
                 else:
                     out = type(self.unet).forward(self.unet, *args, **kwargs)
                 state.full_calls.append(i)
+                state.executed.append(FULL)
             else:
                 self._check_retrieval(args, kwargs)
                 self._stored.tensor = state.stored
@@ -333,6 +432,7 @@ class DeepCache:
                 finally:
                     self._stored.tensor = None
                 state.retrieval_calls += 1
+                state.executed.append(RETRIEVAL)
         finally:
             self._full_call = False
         state.calls += 1

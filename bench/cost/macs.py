@@ -333,6 +333,23 @@ def average_macs(full: MacCount, retrieval: MacCount, full_calls: Iterable[int],
     bad = [i for i in full_set if not 0 <= i < num_calls]
     if bad:
         raise ValueError(f"full_calls outside [0, {num_calls}): {sorted(bad)[:5]}")
-    n_full = len(full_set)
-    total = full * n_full + retrieval * (num_calls - n_full)
-    return total / num_calls
+    kinds = ["full" if i in full_set else "retrieval" for i in range(num_calls)]
+    return plan_average({"full": full, "retrieval": retrieval}, kinds)
+
+
+def plan_average(per_kind: Mapping[str, MacCount], kinds: Sequence[str]) -> MacCount:
+    """Average MACs per model call of a run whose call ``i`` is of kind ``kinds[i]``
+    (:class:`bench.caching.method.Plan`): ``Σ_kind n_kind · cost_kind / len(kinds)``, one
+    count per kind (DeepCache: :func:`average_macs`)."""
+    if not kinds:
+        raise ValueError("num_calls must be positive")
+    n: dict[str, int] = {}
+    for k in kinds:
+        n[k] = n.get(k, 0) + 1
+    missing = sorted(set(n) - set(per_kind))
+    if missing:
+        raise ValueError(f"no MAC count for calls of kind {missing[0]!r}")
+    total = None
+    for k, count in n.items():
+        total = per_kind[k] * count if total is None else total + per_kind[k] * count
+    return total / len(kinds)

@@ -1,9 +1,11 @@
 """Cost of a cached sampling run: MACs per call (two conventions) and throughput.
 
-MACs (``docs/conventions.md`` §3): counted once per kind of call -- one full call,
-one retrieval call at the configured branch -- on a meta-device copy of the U-Net
-(no weights, no compute), per image, without doubling for classifier-free guidance,
-then averaged over the run's schedule of full calls (:mod:`bench.cost.macs`).
+MACs (``docs/conventions.md`` §3): counted once per kind of call of the caching method's
+plan (:mod:`bench.caching.method`; DeepCache: one full call, one retrieval call at the
+configured branch) on a meta-device copy of the U-Net (no weights, no compute), per
+image, without doubling for classifier-free guidance (a guided call is counted on its
+two halves and halved, so a method that runs one half only counts as half), then averaged
+over the run's plan (:mod:`bench.cost.macs`).
 
 Throughput (:mod:`bench.cost.timing`: alternating rounds, per-arm minimum, bootstrap
 interval, rounds added until the speed-up is known to ``run.timing_precision``),
@@ -11,9 +13,10 @@ two methods (``run.timing``):
 
 * ``loop``: whole denoising loops (U-Net + scheduler; no VAE, text encoder or
   image I/O), baseline and cached. This is the paper's measurement.
-* ``calls``: one full call, as many retrieval calls as last as long as one full
-  call, and one scheduler-only loop per round; a loop's time is composed from the
-  schedule, ``n_full * t_full + n_retrieval * t_retrieval + t_scheduler``. Its rounds
+* ``calls``: one full call, of each other kind of call as many as last as long as one
+  full call, and one scheduler-only loop per round; a loop's time is composed from the
+  plan, ``sum over kinds of n_kind * t_kind + t_scheduler`` (DeepCache:
+  ``n_full * t_full + n_retrieval * t_retrieval + t_scheduler``). Its rounds
   take milliseconds, so both arms see the same load and a busy machine leaves many
   undisturbed rounds for the minimum; its regions are of about equal length, so they
   are equally likely to be interrupted.
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import sys
 import time
@@ -41,11 +43,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from bench.caching.engine import CacheSettings, deepcache
-from bench.core.options import Schedule, Timing, value
+from bench.caching.method import FULL, Caching, uncached
+from bench.core.options import Timing, value
 from bench.cost import macs, timing
 from bench.models.loading import LoadedModel, ModelSpec, random_context
 from bench.sampling import loop as sampling
+from bench.sampling.generate import random_inputs
 from bench.sampling.loop import SamplerSpec
 
 
@@ -65,32 +68,46 @@ class TimingSpec:
     seed: int = 0  # of the timed inputs (noise, random conditioning)
 
 
-def call_macs(loaded: LoadedModel, model: ModelSpec, settings: CacheSettings) -> tuple[macs.MacCount, macs.MacCount]:
-    """MACs of one full and one retrieval call for one image (batch 1, no CFG doubling).
+def call_macs(loaded: LoadedModel, model: ModelSpec, caching: Caching) -> dict[str, macs.MacCount]:
+    """MACs of one call of each kind of the plan for one image (no CFG doubling), and of
+    the uncached call (``full``).
 
     Counted on a meta-device copy built from the U-Net's config, so they depend only on
-    the architecture, the conditioning's shape and the branch: a sweep counts each once.
+    the architecture, the conditioning's shape and the method: a sweep counts each once.
     """
     unet = loaded.unet
     config = json.dumps(dict(unet.config), sort_keys=True, default=str)
-    return _call_macs(type(unet), config, tuple(loaded.sample_shape), model.conditioning,
-                      int(model.context_tokens), int(settings.branch))
+    kinds = tuple(caching.plan.distinct()) if caching.enabled else (FULL,)
+    method = caching.method if caching.enabled else None
+    key = (type(unet), config, tuple(loaded.sample_shape), model.conditioning, int(model.context_tokens), method,
+           caching.plan.kinds if method is not None else None, caching.target)
+    if key not in _MACS:
+        if len(_MACS) >= 64:
+            _MACS.pop(next(iter(_MACS)))
+        _MACS[key] = _call_macs(*key[:6], caching.plan, caching.target, kinds)
+    return dict(_MACS[key])
 
 
-@functools.lru_cache(maxsize=64)
+_MACS: dict[tuple, tuple[tuple[str, macs.MacCount], ...]] = {}  # a sweep counts each (architecture, method) once
+
+
 def _call_macs(cls: type, config: str, sample_shape: tuple[int, ...], conditioning: str, context_tokens: int,
-               branch: int) -> tuple[macs.MacCount, macs.MacCount]:
+               method: Any, plan: Any, target: Any, kinds: tuple[str, ...]) -> tuple[tuple[str, macs.MacCount], ...]:
     with torch.device("meta"):
         meta = cls.from_config(json.loads(config))
-    x = torch.empty(1, *sample_shape, device="meta")
+    halves = 2 if target.guided else 1  # a guided call carries both halves of one image
+    x = torch.empty(halves, *sample_shape, device="meta")
     t = torch.tensor([500], device="meta")
-    kwargs = {k: v.to("meta") for k, v in random_context(conditioning, context_tokens, meta, 1, seed=0).items()}
-    probe = CacheSettings(interval=2, branch=branch)
-    with deepcache(meta, probe) as state:
-        full = macs.count_macs(meta, x, t, **kwargs)
-        retrieval = macs.count_macs(meta, x, t, **kwargs)
-    assert state.full_calls == [0] and state.retrieval_calls == 1
-    return full, retrieval
+    kwargs = {k: v.to("meta") for k, v in random_context(conditioning, context_tokens, meta, halves, seed=0).items()}
+    out = {FULL: macs.count_macs(meta, x, t, **kwargs) / halves}
+    if method is not None:
+        with method.attach(meta, plan, target) as session:
+            for kind in kinds:  # the first kind fills what the others read
+                session.force(kind)
+                out[kind] = macs.count_macs(meta, x, t, **kwargs) / halves
+            if session.executed != list(kinds):
+                raise RuntimeError(f"MACs: forced kinds {list(kinds)} ran as {session.executed}")
+    return tuple(out.items())
 
 
 @dataclass(frozen=True)
@@ -103,34 +120,40 @@ class Baseline:
     is_run: bool  # the run itself is that uncached reference
 
 
-def baseline_for(sampler: SamplerSpec, baseline_steps: int | None, loaded: LoadedModel, settings: CacheSettings,
+def baseline_for(sampler: SamplerSpec, baseline_steps: int | None, loaded: LoadedModel, enabled: bool,
                  num_calls: int) -> Baseline:
+    """``enabled``: whether the run's caching changes anything (else the run is its own baseline)."""
     if baseline_steps is None or baseline_steps == sampler.steps:
-        return Baseline(sampler, num_calls, not settings.enabled)
+        return Baseline(sampler, num_calls, not enabled)
     other = dataclasses.replace(sampler, steps=baseline_steps)
     calls = sampling.num_model_calls(sampling.build_scheduler(other, loaded.scheduler_config))
     return Baseline(other, calls, False)
 
 
 def macs_record(
-    loaded: LoadedModel, model: ModelSpec, settings: CacheSettings, full_calls: list[int], num_calls: int,
-    baseline_calls: int | None = None,
+    loaded: LoadedModel, model: ModelSpec, caching: Caching, baseline_calls: int | None = None,
 ) -> dict[str, float]:
-    """MACs in G per image and model call: averaged over the run, and of one full / retrieval
-    call; the whole run's MACs per image; the speed-up they predict against an uncached run of
-    ``baseline_calls`` calls (default: as many as this run)."""
-    full, retrieval = call_macs(loaded, model, settings)
-    avg = macs.average_macs(full, retrieval, full_calls, num_calls)
+    """MACs in G per image and model call: averaged over the run, and of one uncached call
+    (``macs_full_g``) and one call of each kind the plan names as a column (DeepCache's
+    ``macs_retrieval_g``); the whole run's MACs per image; the speed-up they predict against
+    an uncached run of ``baseline_calls`` calls (default: as many as this run)."""
+    per_kind = call_macs(loaded, model, caching)
+    plan = caching.plan
+    num_calls = plan.num_calls
+    kinds = plan.kinds if caching.enabled else (FULL,) * num_calls
+    avg = macs.plan_average(per_kind, kinds)
+    full = per_kind[FULL]
     baseline_calls = num_calls if baseline_calls is None else baseline_calls
-    return {
-        "macs_g": avg.paper / 1e9,
-        "macs_all_g": avg.all / 1e9,
-        "macs_full_g": full.paper / 1e9,
-        "macs_retrieval_g": retrieval.paper / 1e9,
+    record = {"macs_g": avg.paper / 1e9, "macs_all_g": avg.all / 1e9, "macs_full_g": full.paper / 1e9}
+    for kind in plan.columns:
+        if kind != FULL and kind in per_kind:
+            record[f"macs_{kind}_g"] = per_kind[kind].paper / 1e9
+    record.update({
         "macs_full_all_g": full.all / 1e9,
         "macs_run_g": avg.paper * num_calls / 1e9,
         "macs_predicted_speedup": float(baseline_calls * full.paper / (num_calls * avg.paper)),
-    }
+    })
+    return record
 
 
 MACS_CONVENTION = (
@@ -145,14 +168,7 @@ def _noise(loaded: LoadedModel, seed: int, batch: int) -> tuple[list[torch.Gener
     return gens, sampling.initial_noise(gens, loaded.sample_shape, p.device, p.dtype)
 
 
-def _inputs(loaded: LoadedModel, model: ModelSpec, seed: int, batch: int):
-    unet = loaded.unet
-    gens, noise = _noise(loaded, seed, batch)
-    cond = random_context(model.conditioning, model.context_tokens, unet, batch, seed=seed)
-    uncond = None
-    if cond and model.guidance_scale > 1:
-        uncond = random_context(model.conditioning, model.context_tokens, unet, batch, seed=seed + 1)
-    return gens, noise, cond, uncond
+_inputs = random_inputs
 
 
 def _model_inputs(noise: torch.Tensor, cond: dict, uncond: dict | None) -> tuple[torch.Tensor, dict]:
@@ -162,16 +178,15 @@ def _model_inputs(noise: torch.Tensor, cond: dict, uncond: dict | None) -> tuple
     return torch.cat([noise, noise]), {k: torch.cat([uncond[k], cond[k]]) for k in cond}
 
 
-def loop_fn(loaded: LoadedModel, model: ModelSpec, sampler: SamplerSpec, settings: CacheSettings, batch: int,
+def loop_fn(loaded: LoadedModel, model: ModelSpec, sampler: SamplerSpec, caching: Caching, batch: int,
             seed: int = 0) -> Callable[[], torch.Tensor]:
-    """One whole denoising loop of ``batch`` samples; inputs prepared outside."""
+    """One whole denoising loop of ``batch`` samples with ``caching`` attached; inputs prepared outside."""
     unet = loaded.unet
     gens, noise, cond, uncond = _inputs(loaded, model, seed, batch)
 
     def run() -> torch.Tensor:
         scheduler = sampling.build_scheduler(sampler, loaded.scheduler_config)
-        calls = sampling.num_model_calls(scheduler)
-        with torch.inference_mode(), deepcache(unet, settings, num_calls=calls):
+        with torch.inference_mode(), caching.attach(unet):
             return sampling.denoise(
                 unet, scheduler, noise, cond=cond, uncond=uncond, guidance_scale=model.guidance_scale,
                 generators=gens, eta=sampler.eta,
@@ -198,30 +213,33 @@ def resolve_method(loaded: LoadedModel, model: ModelSpec, spec: TimingSpec, num_
     return Timing.loop.value if estimate <= spec.loop_max_s else Timing.calls.value
 
 
-def loop_times(num_calls: int, n_full: int, baseline_calls: int | None = None) -> Callable[[dict], tuple[Any, Any]]:
-    """``calls`` composition: per-call times -> (baseline loop, cached loop). The baseline makes
-    ``baseline_calls`` full calls (default ``num_calls``) with its own scheduler loop when timed
-    (arm ``scheduler_baseline``)."""
-    baseline_calls = num_calls if baseline_calls is None else baseline_calls
+def loop_times(counts: dict[str, int], baseline_calls: int) -> Callable[[dict], tuple[Any, Any]]:
+    """``calls`` composition: per-call times -> (baseline loop, cached loop). The cached loop
+    makes ``counts[kind]`` calls of each kind (arm ``<kind>_call``); the baseline makes
+    ``baseline_calls`` full calls, with its own scheduler loop when timed (arm
+    ``scheduler_baseline``)."""
 
     def compose(t: dict) -> tuple[Any, Any]:
-        full, retr, sched = t["full_call"], t["retrieval_call"], t["scheduler"]
-        base = baseline_calls * full + t.get("scheduler_baseline", sched)
-        return base, n_full * full + (num_calls - n_full) * retr + sched
+        sched = t["scheduler"]
+        base = baseline_calls * t[f"{FULL}_call"] + t.get("scheduler_baseline", sched)
+        cached = sched
+        for kind, n in counts.items():
+            cached = n * t[f"{kind}_call"] + cached
+        return base, cached
 
     return compose
 
 
 def timing_record(
-    loaded: LoadedModel, model: ModelSpec, sampler: SamplerSpec, spec: TimingSpec, settings: CacheSettings,
-    full_calls: list[int], num_calls: int, baseline: Baseline | None = None, *,
+    loaded: LoadedModel, model: ModelSpec, sampler: SamplerSpec, spec: TimingSpec, caching: Caching,
+    baseline: Baseline | None = None, *,
     timer: Callable[[], float] = time.perf_counter,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Throughput of the baseline and the cached loop, the speed-up with its interval (the
     table's measurements), and the timing's details (rounds, raw times, machine load)."""
-    b = baseline or baseline_for(sampler, None, loaded, settings, num_calls)
+    b = baseline or baseline_for(sampler, None, loaded, caching.enabled, caching.plan.num_calls)
     with timing_threads(spec):
-        return _timing_record(loaded, model, sampler, spec, settings, full_calls, num_calls, b, timer)
+        return _timing_record(loaded, model, sampler, spec, caching, b, timer)
 
 
 @contextlib.contextmanager
@@ -240,8 +258,8 @@ def timing_threads(spec: TimingSpec) -> Iterator[None]:
 
 
 def _timing_record(
-    loaded: LoadedModel, model: ModelSpec, sampler: SamplerSpec, spec: TimingSpec, settings: CacheSettings,
-    full_calls: list[int], num_calls: int, b: Baseline, timer: Callable[[], float],
+    loaded: LoadedModel, model: ModelSpec, sampler: SamplerSpec, spec: TimingSpec, caching: Caching,
+    b: Baseline, timer: Callable[[], float],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     method = resolve_method(loaded, model, spec, b.num_calls)
     batch, seed = spec.batch_size, spec.seed
@@ -251,21 +269,23 @@ def _timing_record(
     )
     repeats: dict[str, int] = {}  # arm -> runs per timed region (calls)
     if method == Timing.loop:
-        uncached = CacheSettings(interval=1, branch=settings.branch, schedule=Schedule.none.value)
-        arms = {"baseline": loop_fn(loaded, model, b.sampler, uncached, batch, seed)}
+        base = uncached(b.num_calls, caching.target)
+        arms = {"baseline": loop_fn(loaded, model, b.sampler, base, batch, seed)}
         if not b.is_run:
-            arms["cached"] = loop_fn(loaded, model, sampler, settings, batch, seed)
+            arms["cached"] = loop_fn(loaded, model, sampler, caching, batch, seed)
         run_arm = "baseline" if b.is_run else "cached"
         result = timing.time_ratio(arms, lambda t: (t["baseline"], t[run_arm]), **common)
     elif method == Timing.calls:
-        probe = CacheSettings(interval=2, branch=settings.branch)
-        with torch.inference_mode(), deepcache(loaded.unet, probe) as state:
-            arms = _call_variants(loaded, model, sampler, state, batch, seed)
+        counts = caching.plan.counts() if caching.enabled else {FULL: caching.plan.num_calls}
+        with torch.inference_mode(), caching.attach(loaded.unet) as session:
+            arms = _call_variants(loaded, model, sampler, session, list(counts), batch, seed)
             if b.sampler != sampler:  # a baseline at other steps: its own scheduler loop
                 arms["scheduler_baseline"] = _scheduler_only(loaded, b.sampler, batch, seed)
-            repeats["retrieval_call"] = _equal_length_repeats(arms["full_call"], arms["retrieval_call"], timer)
-            result = timing.time_ratio(arms, loop_times(num_calls, len(full_calls), b.num_calls), repeats=repeats,
-                                       **common)
+            for kind in counts:
+                if kind != FULL:
+                    repeats[f"{kind}_call"] = _equal_length_repeats(arms[f"{FULL}_call"], arms[f"{kind}_call"],
+                                                                    timer)
+            result = timing.time_ratio(arms, loop_times(counts, b.num_calls), repeats=repeats, **common)
     else:
         raise ValueError(f"run.timing={method!r} is not one of {', '.join(Timing.names())}")
     if result.warning:
@@ -305,14 +325,14 @@ def _timing_record(
 
 
 def _equal_length_repeats(
-    full: Callable[[], Any], retrieval: Callable[[], Any], timer: Callable[[], float] = time.perf_counter,
+    full: Callable[[], Any], other: Callable[[], Any], timer: Callable[[], float] = time.perf_counter,
     cap: int = 100,
 ) -> int:
-    """How many retrieval calls last as long as one full call (at least 1, at most ``cap``).
+    """How many calls of another kind last as long as one full call (at least 1, at most ``cap``).
 
-    The ``calls`` method times that many retrieval calls as one region: on a busy machine a
+    The ``calls`` method times that many calls as one region: on a busy machine a
     1 ms region often runs uninterrupted and a 10 ms one rarely, so timed one by one the
-    retrieval call's minimum would shrink more than the full call's and inflate the
+    short call's minimum would shrink more than the full call's and inflate the
     speed-up (docs/timing.md, "Numbers on a busy machine").
     """
     def best(fn: Callable[[], Any]) -> float:
@@ -324,32 +344,30 @@ def _equal_length_repeats(
             out = min(out, timer() - t0)
         return out
 
-    full()  # the retrieval call reads what a full call stored
-    t_full, t_retr = best(full), best(retrieval)
-    return max(1, min(cap, round(t_full / max(t_retr, 1e-9))))
+    full()  # the other kind reads what a full call stored
+    t_full, t_other = best(full), best(other)
+    return max(1, min(cap, round(t_full / max(t_other, 1e-9))))
 
 
-def _call_variants(loaded: LoadedModel, model: ModelSpec, sampler: SamplerSpec, state: Any, batch: int,
-                   seed: int = 0) -> dict[str, Callable]:
-    """Callables timing one full call, one retrieval call (engine attached, uniform
-    1:2 plan) and one scheduler-only loop."""
+def _call_variants(loaded: LoadedModel, model: ModelSpec, sampler: SamplerSpec, session: Any, kinds: list[str],
+                   batch: int, seed: int = 0) -> dict[str, Callable]:
+    """Callables timing one call of each kind (``<kind>_call``, the method attached and the
+    kind forced; ``full_call`` always) and one scheduler-only loop. A call of another kind
+    reads what the last call of the plan's first kind stored, which the timing runs first."""
     unet = loaded.unet
     _, noise, cond, uncond = _inputs(loaded, model, seed, batch)
     x, kwargs = _model_inputs(noise, cond, uncond)
     t = torch.tensor(500, device=noise.device)
 
-    def full_call():
-        state.reset()  # call 0: full
-        unet(x, t, **kwargs)
+    def call_of(kind: str) -> Callable[[], None]:
+        def call() -> None:
+            session.force(kind)
+            unet(x, t, **kwargs)
+        return call
 
-    def retrieval_call():
-        if state.stored is None:
-            raise RuntimeError("timing: a full call must fill the cache before a retrieval call")
-        state.calls = 1  # call 1 of the 1:2 plan: retrieval, from what the last full call stored
-        unet(x, t, **kwargs)
-
-    return {"full_call": full_call, "retrieval_call": retrieval_call,
-            "scheduler": _scheduler_only(loaded, sampler, batch, seed)}
+    arms = {f"{k}_call": call_of(k) for k in dict.fromkeys([FULL, *kinds])}
+    arms["scheduler"] = _scheduler_only(loaded, sampler, batch, seed)
+    return arms
 
 
 def _scheduler_only(loaded: LoadedModel, sampler: SamplerSpec, batch: int, seed: int = 0) -> Callable[[], None]:

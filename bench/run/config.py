@@ -30,8 +30,11 @@ from bench.core.options import (
 
 @dataclass
 class CacheConfig:
-    """DeepCache settings. ``branch``/``center``/``power`` left null take the model's defaults."""
+    """DeepCache settings (``conf/cache/deepcache.yaml``). ``branch``/``center``/``power`` left
+    null take the model's defaults. Other methods' configs (``conf/cache/<name>.yaml``) have no
+    schema here: their class (``_target_``) checks its own knobs (docs/methods.md)."""
 
+    _target_: str = "bench.caching.engine.CacheSettings"
     interval: int = 1
     branch: Optional[int] = None
     schedule: Schedule = Schedule.uniform
@@ -261,7 +264,9 @@ class TableSpec:
 class Config:
     model: ModelConfig = MISSING
     sampler: SamplerConfig = MISSING
-    cache: CacheConfig = field(default_factory=CacheConfig)
+    # the caching method: a conf/cache/<name>.yaml, its class `_target_` and its knobs
+    # (deepcache's typed by CacheConfig; bench.caching.method)
+    cache: Any = MISSING
     run: RunSettings = field(default_factory=RunSettings)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # how images are scored: a conf/quality/*.yaml (instantiated, `_target_`); each model

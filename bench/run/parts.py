@@ -4,7 +4,7 @@ The Hydra config stays in the run layer (config schemas, checks, runner): the ru
 calls :func:`resolve` at the top of a run and hands each layer only its part --
 :class:`~bench.models.loading.ModelSpec` to model loading,
 :class:`~bench.sampling.loop.SamplerSpec` to the sampling loop,
-:class:`~bench.caching.engine.CacheSettings` to the engine,
+:class:`~bench.caching.method.CacheMethod` (the ``cache`` method) to the caching layer,
 :class:`~bench.sampling.generate.GenerationSpec` to generation,
 :class:`~bench.models.pipelines.InputSpec` to the pipelines,
 :class:`~bench.cost.measure.TimingSpec` to the cost meters. Parts are frozen: no layer
@@ -18,9 +18,11 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from bench.caching.engine import CacheError, CacheSettings
-from bench.core.errors import HarnessError
-from bench.core.options import Schedule, value
+from hydra.utils import get_class
+
+from bench.caching.method import CacheError, CacheMethod, Target
+from bench.core.errors import HarnessError, one_line
+from bench.core.options import Conditioning, value
 from bench.cost.measure import TimingSpec
 from bench.models.loading import ModelSpec
 from bench.models.pipelines import InputSpec, LabelSpec, PromptSpec
@@ -52,28 +54,42 @@ def sampler_spec(s: Any, steps: int | None = None) -> SamplerSpec:
     )
 
 
-def cache_settings(c: Any, m: Any, prompt_set: str | None = None) -> CacheSettings:
-    """Resolve ``cache.*`` against the model's paper defaults (``model.*``).
-
-    ``cache.branch`` null -> the model's ``default_branch`` (DDPM 3, LDM 1, SD 2);
-    ``cache.center``/``cache.power`` null -> the model's per-interval table for the prompt
-    set ``prompt_set`` (supp. Table 10), else its per-interval table (supp. Table 9),
-    else its default.
-    """
-    schedule = value(c.schedule)
-    branch = c.branch if c.branch is not None else m.default_branch
-    center, power = c.center, c.power
-    if schedule == Schedule.nonuniform and (center is None or power is None):
-        by_prompts = m.get("nonuniform_by_prompts") or {}
-        table = (by_prompts.get(prompt_set) if prompt_set else None) or m.nonuniform_by_interval or {}
-        params = table.get(c.interval, m.nonuniform_default)
-        center = params.center if center is None else center
-        power = params.power if power is None else power
+def cache_settings(c: Any, m: Any, prompt_set: str | None = None) -> CacheMethod:
+    """``cache.*`` as its method (``cache._target_``, a :class:`~bench.caching.method.CacheMethod`)
+    with its knobs, resolved against the model's defaults (``model.*``) where the method has
+    them (DeepCache: the paper's branch and non-uniform parameters per model)."""
+    knobs = dict(_plain(c))
+    target = knobs.pop("_target_", None)
+    if not target:
+        raise HarnessError("cache has no _target_: give a caching method, cache=" + "|".join(_cache_options()))
     try:
-        return CacheSettings(interval=c.interval, branch=branch, schedule=schedule, center=center, power=power,
-                             ablation=value(c.get("ablation") or "none"))
+        cls = get_class(str(target))
+    except (ImportError, AttributeError, ValueError) as e:
+        raise HarnessError(f"cache._target_={target}: {one_line(e)}") from None
+    if not (isinstance(cls, type) and issubclass(cls, CacheMethod)):
+        raise HarnessError(f"cache._target_={target} is not a caching method (bench.caching.method.CacheMethod)")
+    try:
+        return cls.from_settings(knobs, _plain(m), prompt_set)
     except CacheError as e:
         raise HarnessError(str(e)) from None
+    except TypeError as e:
+        raise HarnessError(f"cache={cls.name}: {one_line(e)}") from None
+
+
+def _cache_options() -> list[str]:
+    """The names of the ``cache`` config group (``conf/cache/*.yaml``)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return sorted(GlobalHydra.instance().config_loader().get_group_options("cache"))
+    return ["<a conf/cache/*.yaml>"]
+
+
+def target(model: ModelSpec) -> Target:
+    """What a caching method needs to know of the model: its conditioning, and whether its
+    calls carry both guidance halves (classifier-free guidance, ``model.guidance_scale`` > 1)."""
+    return Target(conditioning=model.conditioning,
+                  guided=model.conditioning != Conditioning.none and model.guidance_scale > 1)
 
 
 def timing_spec(r: Any, device: str | None = None) -> TimingSpec:
@@ -104,7 +120,7 @@ class Parts:
     mode: str
     model: ModelSpec
     sampler: SamplerSpec
-    cache: CacheSettings
+    cache: CacheMethod
     generation: GenerationSpec
     inputs: InputSpec
     timing: TimingSpec
@@ -117,6 +133,10 @@ class Parts:
     store_dir: str
     baseline_steps: int | None  # the uncached reference's steps (None: the run's own)
     baseline_images: bool
+
+    @property
+    def target(self) -> Target:
+        return target(self.model)
 
     @property
     def indices(self) -> range:

@@ -102,19 +102,20 @@ def plan_jobs(cfgs: list[Any], labels: list[str], table: list[dict[str, Any]] | 
         cpu = dataclasses.replace(parts, device="cpu")  # fingerprints only: nothing runs on the device
         p, pipe = loaded.prepared(cpu)
         ref, indices = p.reference, parts.indices
-        m = measure.macs_record(p.loaded, parts.model, p.settings, p.full_calls, p.num_calls, ref.num_calls)
+        m = measure.macs_record(p.loaded, parts.model, p.caching, ref.num_calls)
         h, w, c = pipe.image_shape(p.loaded.sample_shape)
         image_bytes = h * w * c
         rates = _rates(parts.model.name, parts.dtype, m["macs_full_g"], table)
         row: dict[str, Any] = {
             "job": label, "model": parts.model.name, "sampler": parts.sampler.name, "steps": parts.sampler.steps,
-            "schedule": p.settings.schedule if p.settings.enabled else "none", "interval": p.settings.interval,
-            "branch": p.settings.branch, "num_samples": len(indices), "macs_run_g": m["macs_run_g"],
+            "cache": p.settings.label() if p.settings.enabled else "no cache",
+            **{k: v for k, v in p.caching.record().items() if k in ("method", "schedule", "interval", "branch")},
+            "num_samples": len(indices), "macs_run_g": m["macs_run_g"],
             "macs_predicted_speedup": m["macs_predicted_speedup"],
         }
         new_g = 0.0  # G MACs of the images this job generates itself
         if ref.is_run or parts.baseline_images:  # the uncached reference: shared by key
-            key = p.store_key(p.baseline, list(range(ref.num_calls)), pipe, baseline=True)
+            key = p.store_key(p.baseline, pipe, baseline=True)
             digest = key_digest(key)
             if digest not in baselines:
                 held = _held(parts.store_dir, key, indices)
@@ -124,7 +125,7 @@ def plan_jobs(cfgs: list[Any], labels: list[str], table: list[dict[str, Any]] | 
             row["baseline_store"] = digest
             row["baseline_first_job"] = baselines[digest]["job"]
         if not ref.is_run:
-            key = p.store_key(p.settings, p.full_calls, pipe, baseline=False)
+            key = p.store_key(p.caching, pipe, baseline=False)
             held = _held(parts.store_dir, key, indices)
             row.update(new_images=len(indices) - held, held_images=held)
             new_g = row["new_images"] * m["macs_run_g"]
@@ -160,7 +161,7 @@ def summary(plan: dict[str, Any]) -> str:
     lines = []
     kinds = plan["device_kinds"]
     for r in plan["rows"]:
-        what = "no cache" if r["schedule"] == "none" else f"{r['schedule']} N={r['interval']} branch {r['branch']}"
+        what = r["cache"]
         est = ", ".join(f"{k} {_hours(r[f'hours_{k}'])}" for k in kinds if r[f"hours_{k}"] is not None)
         base = r.get("baseline_new_images")
         lines.append(

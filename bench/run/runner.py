@@ -30,7 +30,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from bench.caching.engine import CacheError, CacheSettings, DeepCache
+from bench.caching.method import CacheError, Caching, uncached
 from bench.core.errors import HarnessError, one_line
 from bench.core.options import Mode, Output, Schedule, Timing, value
 from bench.cost import measure
@@ -53,7 +53,7 @@ def settings_record(cfg: Any) -> dict[str, Any]:
 
 
 class Prepared:
-    """Everything a mode needs: the run's parts, the model, the plan of full calls, the baseline."""
+    """Everything a mode needs: the run's parts, the model, the caching method's plan, the baseline."""
 
     def __init__(self, parts: Parts, loaded: models.LoadedModel | None = None):
         self.parts = parts
@@ -61,21 +61,25 @@ class Prepared:
         self.settings = parts.cache
         scheduler = sampling.build_scheduler(parts.sampler, self.loaded.scheduler_config)
         self.num_calls = sampling.num_model_calls(scheduler)
-        try:  # validates branch and schedule against this model and this sampler
-            plan = DeepCache(self.loaded.unet, self.settings, self.num_calls)
+        target = parts.target
+        try:  # validates the method's settings against this model and this sampler
+            self.settings.check(self.loaded.unet, self.num_calls, target)
+            calibrate = generate.calibration(self.loaded, parts.model, parts.sampler, parts.generation) \
+                if self.settings.enabled and self.settings.needs_calibration else None
+            plan = self.settings.plan(self.loaded.unet, self.num_calls, target, calibrate)
         except CacheError as e:
             raise HarnessError(str(e)) from None
-        self.full_calls, self.skip = plan.state.plan, plan.skip
-        self.baseline = CacheSettings(interval=1, branch=self.settings.branch, schedule=Schedule.none.value)
-        self.reference = measure.baseline_for(parts.sampler, parts.baseline_steps, self.loaded, self.settings,
+        self.caching = Caching(self.settings, plan, target)
+        self.full_calls = plan.full_calls
+        self.reference = measure.baseline_for(parts.sampler, parts.baseline_steps, self.loaded, self.settings.enabled,
                                               self.num_calls)
+        self.baseline = uncached(self.reference.num_calls, target)
 
     def record(self, settings: dict[str, Any], mode: str) -> dict[str, Any]:
-        s = self.settings
         return {
             "mode": mode,
             "settings": settings,
-            "cache": {**cache_section(s), "skip_producer": self.skip.producer, "skip_consumer": self.skip.consumer},
+            "cache": self.caching.record(),
             "model_source": self.loaded.source,
             "weights_fingerprint": self.loaded.fingerprint,
             "num_model_calls": self.num_calls,
@@ -86,26 +90,33 @@ class Prepared:
     def baseline_record(self) -> dict[str, Any]:
         """What identifies the baseline row: uncached, at the reference's steps."""
         return {
-            "cache": {**self.baseline.__dict__, "branch": None, "skip_producer": None, "skip_consumer": None},
+            "cache": dict(BASELINE_CACHE),
             "steps": self.reference.sampler.steps,
             "num_model_calls": self.reference.num_calls,
         }
 
-    def store_key(self, settings: CacheSettings, full_calls: list[int], pipe: Any, baseline: bool) -> dict[str, Any]:
+    def store_key(self, caching: Caching, pipe: Any, baseline: bool) -> dict[str, Any]:
         """What identifies the images of the cached run, or of its baseline (at the reference's steps)."""
         sampler = self.reference.sampler if baseline else self.parts.sampler
-        return generate.store_key(self.loaded, self.parts.model, sampler, settings, full_calls,
-                                  self.parts.generation, pipe)
+        return generate.store_key(self.loaded, self.parts.model, sampler, caching, self.parts.generation, pipe)
 
-    def store(self, settings: CacheSettings, full_calls: list[int], pipe: Any, baseline: bool) -> ImageStore:
+    def store(self, caching: Caching, pipe: Any, baseline: bool) -> ImageStore:
         """The image store of the cached run, or of its baseline (created if new)."""
-        return ImageStore(Path(self.parts.store_dir), self.store_key(settings, full_calls, pipe, baseline))
+        return ImageStore(Path(self.parts.store_dir), self.store_key(caching, pipe, baseline))
+
+
+# the baseline row's cache section: uncached, whatever the run's method (DeepCache's settings
+# columns, as the tables have always shown it)
+BASELINE_CACHE: dict[str, Any] = {
+    "interval": 1, "branch": None, "schedule": Schedule.none.value, "center": None, "power": None,
+    "ablation": "none", "skip_producer": None, "skip_consumer": None,
+}
 
 
 def _cost(p: Prepared) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
     """(measurements of the cached run, of the baseline, timing details or None)."""
     ref, parts = p.reference, p.parts
-    cached = measure.macs_record(p.loaded, parts.model, p.settings, p.full_calls, p.num_calls, ref.num_calls)
+    cached = measure.macs_record(p.loaded, parts.model, p.caching, ref.num_calls)
     base = {
         "macs_g": cached["macs_full_g"],
         "macs_all_g": cached["macs_full_all_g"],
@@ -115,8 +126,7 @@ def _cost(p: Prepared) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] |
     }
     details = None
     if parts.timing.method != Timing.off:
-        timed, details = measure.timing_record(p.loaded, parts.model, parts.sampler, parts.timing, p.settings,
-                                               p.full_calls, p.num_calls, ref)
+        timed, details = measure.timing_record(p.loaded, parts.model, parts.sampler, parts.timing, p.caching, ref)
         cached.update(timed)
         base.update(throughput=timed["throughput_baseline"], speedup=1.0, timing_method=timed["timing_method"],
                     timing_batch_size=timed["timing_batch_size"])
@@ -169,12 +179,12 @@ def _generate(p: Prepared, indices: range, pipe: Any) -> dict[str, Any]:
     ref, gen = p.reference, p.parts.generation
     base = base_store = cached = store = None
     if ref.is_run or p.parts.baseline_images:
-        base_store = p.store(p.baseline, list(range(ref.num_calls)), pipe, baseline=True)
+        base_store = p.store(p.baseline, pipe, baseline=True)
         base = generate.generate(p.loaded, ref.sampler, p.baseline, base_store, mine, pipe, gen, desc="baseline")
     if not ref.is_run:
-        store = p.store(p.settings, p.full_calls, pipe, baseline=False)
-        cached = generate.generate(p.loaded, p.parts.sampler, p.settings, store, mine, pipe, gen,
-                                   desc=f"N={p.settings.interval}")
+        store = p.store(p.caching, pipe, baseline=False)
+        cached = generate.generate(p.loaded, p.parts.sampler, p.caching, store, mine, pipe, gen,
+                                   desc=p.settings.label())
     parts = ctx.sync({"part": [mine.start, mine.stop], "baseline": base, "cached": cached})
     record: dict[str, Any] = {"num_samples": len(indices), "sample_indices": [indices.start, indices.stop]}
     if ctx.distributed:

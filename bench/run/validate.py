@@ -19,8 +19,7 @@ from typing import Any, get_args, get_origin
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bench.caching.engine import CacheError, skip_table
-from bench.caching.schedules import ScheduleError
+from bench.caching.method import CacheError
 from bench.core.errors import HarnessError
 from bench.core.options import Conditioning, Mode, Weights, value
 from bench.run import parts
@@ -34,7 +33,6 @@ def check(cfg: Any) -> None:
     run_settings(cfg.run)
     run_values(cfg)
     sampler_values(cfg)
-    cache_values(cfg)
     cache_settings(cfg)
     model_source(cfg.model)
     if value(cfg.run.mode) == Mode.full:
@@ -191,54 +189,25 @@ def sampler_values(cfg: Any) -> None:
 
 
 def cache_settings(cfg: Any) -> None:
-    """Interval, branch and schedule against the model's architecture and the sampler's calls."""
-    settings = parts.cache_settings(cfg.cache, cfg.model, cfg.run.prompts.name)
-    num_skips = _num_skips(cfg.model.unet_class, cfg.model.arch)
-    if not 1 <= settings.branch <= num_skips:
-        raise HarnessError(
-            f"cache.branch={settings.branch} is out of range for model {cfg.model.name}: "
-            f"valid branches are 1..{num_skips}"
-        )
+    """The caching method and its knobs (``cache.*``) against the model's architecture (on the
+    meta device) and the sampler's calls: :meth:`bench.caching.method.CacheMethod.check`."""
+    method = parts.cache_settings(cfg.cache, cfg.model, cfg.run.prompts.name)
     scheduler = sampling.build_scheduler(parts.sampler_spec(cfg.sampler), _arch_scheduler_config(cfg.model.arch))
+    unet = _meta_unet(cfg.model.unet_class, cfg.model.arch)
     try:
-        settings.full_calls(sampling.num_model_calls(scheduler))
-    except ScheduleError as e:
-        raise HarnessError(str(e)) from None
-
-
-def cache_values(cfg: Any) -> None:
-    """``cache.center`` and ``cache.power``, when given, in the range the non-uniform schedule
-    needs (:func:`bench.caching.schedules.nonuniform_full_calls`: a model call in
-    ``[0, T]``, a finite power > 1), whatever the schedule: a sweep over schedules refuses a
-    bad value once, not only at its non-uniform points."""
-    c = cfg.cache
-    if c.power is not None and not (math.isfinite(c.power) and c.power > 1):
-        raise HarnessError(
-            f"cache.power={c.power} must be a finite number > 1 (the non-uniform schedule's power; "
-            "null: the model's default)"
-        )
-    if c.center is not None:
-        from bench.sampling import loop as sampling
-
-        calls = sampling.num_model_calls(sampling.build_scheduler(cfg.sampler, _arch_scheduler_config(cfg.model.arch)))
-        if not 0 <= c.center <= calls:
-            raise HarnessError(
-                f"cache.center={c.center} must lie in [0, {calls}] (a model call of the {calls} this sampler "
-                "makes; null: the model's default)"
-            )
+        method.check(unet, sampling.num_model_calls(scheduler), parts.target(parts.model_spec(cfg.model)))
+    except CacheError as e:
+        raise HarnessError(str(e).replace("this model", f"model {cfg.model.name}")) from None
 
 
 @functools.lru_cache(maxsize=32)
-def _num_skips(unet_class: str, arch: str) -> int:
+def _meta_unet(unet_class: str, arch: str) -> torch.nn.Module:
+    """The model's U-Net built from its shipped config on the meta device (structure only)."""
     from hydra.utils import get_class
 
     cls = get_class(unet_class)
     with torch.device("meta"):
-        unet = cls.from_config(cls.load_config(arch, subfolder="unet"))
-    try:
-        return len(skip_table(unet))
-    except CacheError as e:
-        raise HarnessError(str(e)) from None
+        return cls.from_config(cls.load_config(arch, subfolder="unet"))
 
 
 @functools.lru_cache(maxsize=32)
