@@ -143,6 +143,12 @@ class CacheMethod(ABC):
     """
 
     name: ClassVar[str]
+    # for the shared method test (tests/test_methods.py) and the docs: an enabled setting in
+    # which every knob matters; the knobs that, over it, make the method change nothing; and,
+    # per knob, another valid value that changes the images from ``example_knobs``
+    example_knobs: ClassVar[dict[str, Any]] = {}
+    noop_knobs: ClassVar[dict[str, Any]] = {}
+    other_values: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def from_settings(cls, knobs: Mapping[str, Any], model: Mapping[str, Any], prompt_set: str | None = None
