@@ -72,6 +72,7 @@ def test_the_ablation_is_in_the_store_key_only_when_set():
     """Existing stores (and the golden gate's) keep their keys; an ablated run gets its own."""
     from types import SimpleNamespace
 
+    from bench.caching.method import Caching, Plan
     from bench.sampling.generate import GenerationSpec, store_key
     from bench.sampling.loop import SamplerSpec
     from bench.models.loading import ModelSpec
@@ -85,7 +86,9 @@ def test_the_ablation_is_in_the_store_key_only_when_set():
     pipe = SimpleNamespace(key=lambda: {})
 
     def key(**kw):
-        return store_key(loaded, model, sampler, CacheSettings(interval=5, **kw), [0, 5], GenerationSpec(), pipe)
+        settings = CacheSettings(interval=5, **kw)
+        caching = Caching(settings, Plan(tuple("full" if i in (0, 5) else "retrieval" for i in range(10))))
+        return store_key(loaded, model, sampler, caching, GenerationSpec(), pipe)
 
     assert key()["cache"] == {"branch": 1, "full_calls": [0, 5]}
     assert key(ablation="none") == key()

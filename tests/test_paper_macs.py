@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from bench.caching.method import apply
 from bench.cost import macs
 from bench.cost import measure
 from bench.models import loading as models
@@ -24,7 +25,8 @@ PAPER = Path(__file__).resolve().parent.parent / "results" / "paper"
 def per_call(model: str, branch: int):
     cfg = compose_cfg(f"model={model}", "model.weights=random")
     loaded = models.load_model(model_spec(cfg.model))
-    return measure.call_macs(loaded, model_spec(cfg.model), CacheSettings(interval=2, branch=branch))
+    m = measure.call_macs(loaded, model_spec(cfg.model), apply(CacheSettings(interval=2, branch=branch), loaded.unet, 2))
+    return m["full"], m["retrieval"]
 
 
 def average_g(full, retrieval, interval: int, calls: int) -> float:

@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from bench.caching.method import apply
 from bench.cost import measure
 from bench.models import loading as models
 from bench.run.parts import resolve
@@ -59,7 +60,7 @@ def test_time_is_the_jobs_macs_over_the_measured_rate():
     row = plan_jobs([cfg], ["0"], table)["rows"][0]
     parts = resolve(cfg)
     loaded = models.load_model(parts.model)
-    m = measure.macs_record(loaded, parts.model, parts.cache, parts.cache.full_calls(10), 10)
+    m = measure.macs_record(loaded, parts.model, apply(parts.cache, loaded.unet, 10))
     base_s, cached_s = 100 / 4.0, 100 / 4.0 / m["macs_predicted_speedup"]
     assert row["hours_k"] * 3600 == pytest.approx(base_s + cached_s, rel=1e-9)
 

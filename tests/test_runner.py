@@ -22,6 +22,7 @@ from bench.models.pipelines import Pixels
 from bench.run.runner import run
 from bench.sampling.store import ImageStore
 from harness import ROOT, compose_cfg, run_py
+from bench.caching.method import apply
 from bench.run.parts import cache_settings, model_spec, sampler_spec
 from bench.sampling.generate import GenerationSpec
 
@@ -37,7 +38,8 @@ def digits():
 def _images(loaded, cfg, settings, indices, batch_size, root):
     store = ImageStore(root, {"test": str(root)})
     gen = GenerationSpec(seed=cfg.run.seed, batch_size=batch_size, progress=False)
-    generate.generate(loaded, sampler_spec(cfg.sampler), settings, store, indices, Pixels(), gen)
+    caching = apply(settings, loaded.unet, int(cfg.sampler.steps))
+    generate.generate(loaded, sampler_spec(cfg.sampler), caching, store, indices, Pixels(), gen)
     return store.load(indices)
 
 

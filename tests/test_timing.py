@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.caching.method import apply
 from bench.cost import measure
 from bench.models import loading as models
 from bench.cost import timing
@@ -153,8 +154,10 @@ def digits():
 
 def _timed(loaded, cfg, settings, plan, calls, **kw):
     """``measure.timing_record`` with the parts of ``cfg`` the runner would pass."""
+    caching = apply(settings, loaded.unet, calls)
+    assert caching.plan.full_calls == list(plan)
     return measure.timing_record(loaded, model_spec(cfg.model), sampler_spec(cfg.sampler), timing_spec(cfg.run),
-                                 settings, plan, calls, **kw)
+                                 caching, **kw)
 
 
 def _fake_arms(clock, durations):
@@ -188,8 +191,8 @@ def test_loop_timing_ratio(digits, monkeypatch):
     clock = FakeClock()
     fns = {}
 
-    def fake_loop_fn(loaded, model, sampler, settings, batch, seed=0):
-        name = "cached" if settings.enabled else "baseline"
+    def fake_loop_fn(loaded, model, sampler, caching, batch, seed=0):
+        name = "cached" if caching.enabled else "baseline"
         fns[name] = clock.arm(name, lambda: 6.0 if name == "baseline" else 2.0)
         return fns[name]
 

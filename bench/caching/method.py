@@ -302,6 +302,16 @@ class Caching:
         return {**self.method.record(self.plan), **self.plan.detail}
 
 
+def apply(method: CacheMethod, unet: nn.Module, num_calls: int, target: Target = Target(),
+          calibrate: Callable[[int], None] | None = None) -> Caching:
+    """``method`` checked against ``unet`` and ``num_calls`` and planned: a :class:`Caching`."""
+    method.check(unet, num_calls, target)
+    use = calibrate if method.enabled and method.needs_calibration else None
+    if method.enabled and method.needs_calibration and calibrate is None:
+        raise CacheError(f"cache={method.name} plans from a calibration run; none was given")
+    return Caching(method, method.plan(unet, num_calls, target, use), target)
+
+
 def uncached(num_calls: int, target: Target = Target()) -> Caching:
     """The uncached model over ``num_calls`` calls (the baseline of every method)."""
     return Caching(UNCACHED, UNCACHED.plan(None, num_calls, target), target)

@@ -30,7 +30,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from bench.caching.method import CacheError, Caching, uncached
+from bench.caching.method import CacheError, Caching, apply, uncached
 from bench.core.errors import HarnessError, one_line
 from bench.core.options import Mode, Output, Schedule, Timing, value
 from bench.cost import measure
@@ -62,15 +62,12 @@ class Prepared:
         scheduler = sampling.build_scheduler(parts.sampler, self.loaded.scheduler_config)
         self.num_calls = sampling.num_model_calls(scheduler)
         target = parts.target
+        calibrate = generate.calibration(self.loaded, parts.model, parts.sampler, parts.generation)
         try:  # validates the method's settings against this model and this sampler
-            self.settings.check(self.loaded.unet, self.num_calls, target)
-            calibrate = generate.calibration(self.loaded, parts.model, parts.sampler, parts.generation) \
-                if self.settings.enabled and self.settings.needs_calibration else None
-            plan = self.settings.plan(self.loaded.unet, self.num_calls, target, calibrate)
+            self.caching = apply(self.settings, self.loaded.unet, self.num_calls, target, calibrate)
         except CacheError as e:
             raise HarnessError(str(e)) from None
-        self.caching = Caching(self.settings, plan, target)
-        self.full_calls = plan.full_calls
+        self.full_calls = self.caching.plan.full_calls
         self.reference = measure.baseline_for(parts.sampler, parts.baseline_steps, self.loaded, self.settings.enabled,
                                               self.num_calls)
         self.baseline = uncached(self.reference.num_calls, target)
