@@ -197,14 +197,27 @@ class CacheMethod(ABC):
     def key(self, plan: Plan) -> dict[str, Any]:
         """The image store key's ``cache`` part: what changes the images (when enabled)."""
 
+    def knobs(self) -> dict[str, Any]:
+        """The settings, as plain values."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+
     def record(self, plan: Plan) -> dict[str, Any]:
-        """The record's ``cache`` section: the method's name and its settings."""
-        return {"method": self.name, **{f.name: _plain(getattr(self, f.name)) for f in fields(self)}}  # type: ignore[arg-type]
+        """The record's ``cache`` section: the method's name, a label, its settings (the
+        table's ``method`` and ``setting`` columns, then one column per knob)."""
+        return {"method": self.name, "label": self.label(), **self.knobs()}
 
     def label(self) -> str:
-        """The method and its knobs in a few words (summaries, plot legends)."""
-        knobs = " ".join(f"{k}={v}" for k, v in self.record(Plan(())).items() if k != "method" and v is not None)
+        """The method and its knobs in a few words (summaries, tables, plot legends)."""
+        if not self.enabled:
+            return "no cache"
+        knobs = " ".join(f"{k}={_short(v)}" for k, v in self.knobs().items() if v is not None)
         return f"{self.name} {knobs}".strip()
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _plain(v: Any) -> Any:
@@ -242,7 +255,7 @@ class Uncached(CacheMethod):
         return dict(UNCACHED_KEY)
 
     def record(self, plan: Plan) -> dict[str, Any]:
-        return {"method": self.name}
+        return {"method": self.name, "label": "no cache"}
 
 
 UNCACHED = Uncached()

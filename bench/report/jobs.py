@@ -86,7 +86,7 @@ OVERRIDE_COLUMNS = {
     "sampler": "sampler", "sampler.name": "sampler",
     "sampler.steps": "steps",
     "cache.schedule": "schedule", "cache.interval": "interval", "cache.branch": "branch",
-    "cache.center": "center", "cache.power": "power", "cache.ablation": "ablation",
+    "cache.center": "center", "cache.power": "power", "cache.ablation": "ablation", "cache": "method",
     "run.seed": "seed", "run.num_samples": "num_samples",
 }
 

@@ -34,9 +34,13 @@ TABLE_NAME = "table.csv"
 
 # what identifies a row (settings), in this order; measurements follow
 SETTING_COLUMNS = [
-    "model", "prompts", "weights", "sampler", "steps", "model_calls", "schedule", "interval", "branch",
-    "center", "power", "ablation", "seed", "num_samples",
+    "model", "prompts", "weights", "sampler", "steps", "model_calls", "method", "setting", "schedule", "interval",
+    "branch", "center", "power", "ablation", "seed", "num_samples",
 ]
+# a record's cache keys that are not a method's knob columns
+_NOT_KNOBS = {"method", "label", "skip_producer", "skip_consumer", *SETTING_COLUMNS}
+DEEPCACHE = "deepcache"  # a record whose cache section names no method (bench.caching.engine.CacheSettings)
+NO_CACHE = "none"
 TAIL_COLUMNS = ["status", "error", "job"]
 MISSING = "missing"
 MISSING_ERROR = ("no run.json: the job was killed, lost or never started (or is still running); rerun the sweep "
@@ -60,9 +64,48 @@ def _settings_row(rec: dict[str, Any], cache: dict[str, Any], arm: dict[str, Any
         "power": cache.get("power"),
         # an ablation (main paper Table 5) only: tables of ordinary runs keep their columns
         "ablation": None if cache.get("ablation") in (None, "none") else cache["ablation"],
+        # another method than DeepCache (bench.caching.method): its name, a label, its knobs
+        "method": cache.get("method") or _method_of(cache),
+        "setting": cache.get("label"),
+        **{k: _cell(cache[k]) for k in knob_columns(cache)},
         "seed": s["run"]["seed"],
         "num_samples": rec.get("num_samples", s["run"]["num_samples"]),
     }
+
+
+def _method_of(cache: dict[str, Any]) -> str | None:
+    """The method of a failed run's settings (``cache._target_``); None for DeepCache."""
+    target = cache.get("_target_")
+    if not target or target == "bench.caching.engine.CacheSettings":
+        return None
+    try:
+        from hydra.utils import get_class
+
+        return get_class(target).name
+    except Exception:  # a bad _target_ is the error the row reports
+        return str(target).rsplit(".", 1)[-1]
+
+
+def knob_columns(cache: dict[str, Any]) -> list[str]:
+    """A method's knob columns in a record's cache section (not DeepCache's, which are settings columns)."""
+    return [k for k in cache if k not in _NOT_KNOBS and not k.startswith("_")]
+
+
+def _cell(v: Any) -> Any:
+    """A knob's value as one CSV cell (a list as its items separated by spaces)."""
+    if isinstance(v, (list, tuple)):
+        return " ".join(str(x) for x in v)
+    return v
+
+
+def deepcache_label(row: dict[str, Any]) -> str:
+    """DeepCache's setting of a row in a few words (``no cache`` for the uncached baseline)."""
+    if row.get("schedule") in (Schedule.none, None):
+        return "no cache"
+    what = f"{row['schedule']} N={fmt(row['interval'])} branch {fmt(row['branch'])}"
+    if row.get("schedule") == Schedule.nonuniform:
+        what += f" c={fmt(row.get('center'))} p={fmt(row.get('power'))}"
+    return what
 
 
 def _scalars(measurements: dict[str, Any]) -> dict[str, Any]:
@@ -135,11 +178,21 @@ def build_table(sweep_dir: str | Path) -> pd.DataFrame:
     df = df.dropna(axis=1, how="all")
     if "ablation" in df:  # some row is an ablation: name the others' setting too
         df["ablation"] = df["ablation"].fillna("none")
+    if "method" in df:  # some row is another method than DeepCache: name every row's method and setting
+        base = df["schedule"].eq(Schedule.none.value)
+        df["method"] = df["method"].where(df["method"].notna(), base.map({True: NO_CACHE, False: DEEPCACHE}))
+        labels = [deepcache_label(r) for r in df.to_dict("records")]
+        df["setting"] = df["setting"].fillna(pd.Series(labels, index=df.index)) if "setting" in df else labels
     # measurements in the order a cached run's record lists them (a baseline has fewer)
+    caches = [c for rec in records.values() for c in (rec.get("cache"), (rec.get("settings") or {}).get("cache"))
+              if isinstance(c, dict)]
+    knobs = list(dict.fromkeys(k for c in caches for k in knob_columns(c) if k in df.columns))
     measured: list[str] = []
     for r in sorted(rows, key=lambda r: r.get("schedule") == Schedule.none):
-        measured += [c for c in r if c in df.columns and c not in measured + SETTING_COLUMNS + TAIL_COLUMNS]
-    order = [c for c in SETTING_COLUMNS if c in df.columns] + measured + [c for c in TAIL_COLUMNS if c in df.columns]
+        measured += [c for c in r if c in df.columns and c not in measured + knobs + SETTING_COLUMNS + TAIL_COLUMNS]
+    settings = [c for c in SETTING_COLUMNS if c in df.columns]
+    at = settings.index("seed") if "seed" in settings else len(settings)  # a method's knobs before the seed
+    order = settings[:at] + knobs + settings[at:] + measured + [c for c in TAIL_COLUMNS if c in df.columns]
     return df[order].reset_index(drop=True)
 
 
@@ -183,12 +236,10 @@ def fmt(x: Any, digits: int = 4) -> str:
 
 def format_row(row: dict[str, Any]) -> str:
     """One run in one line: what ran, speed-up ± spread, MACs, quality."""
-    if row.get("schedule") == Schedule.none:
-        what = "no cache"
+    if row.get("method") not in (None, DEEPCACHE, NO_CACHE):
+        what = row.get("setting") or row.get("label") or row["method"]
     else:
-        what = f"{row['schedule']} N={fmt(row['interval'])} branch {fmt(row['branch'])}"
-        if row.get("schedule") == Schedule.nonuniform:
-            what += f" c={fmt(row.get('center'))} p={fmt(row.get('power'))}"
+        what = deepcache_label(row)
     if row.get("steps") is not None:
         what = f"{row['steps']} steps, {what}"
     parts = [what]
@@ -201,7 +252,7 @@ def format_row(row: dict[str, Any]) -> str:
         parts.append(s)
     if row.get("macs_g") is not None:
         parts.append(f"MACs {fmt(row['macs_g'])} G/call")
-    for key in ("fid", "sfid", "is_mean", "precision", "recall", "clip_score"):
+    for key in ("fid", "sfid", "is_mean", "precision", "recall", "clip_score", "psnr", "ssim", "lpips"):
         if row.get(key) is not None:
             parts.append(f"{key} {fmt(row[key])}")
     return " | ".join(parts)
@@ -218,7 +269,8 @@ def print_summary(df: pd.DataFrame, file=None) -> None:
         elif row.get("status") == MISSING:
             line = f"MISSING {_what(row)}: no {RECORD_NAME} (killed, lost or never started)"
         else:
-            line = f"FAILED {row.get('schedule')} N={fmt(row.get('interval'))}: {row.get('error')}"
+            what = row.get("setting") or row.get("method") or f"{row.get('schedule')} N={fmt(row.get('interval'))}"
+            line = f"FAILED {what}: {row.get('error')}"
         print(f"  [{row.get('job')}] {line}", file=file)
 
 
