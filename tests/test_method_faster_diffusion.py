@@ -186,7 +186,8 @@ def test_plan_key_and_record():
     assert plan50.full_calls == [0, 1, 2, 3, 5, 10, 15, 25, 35] and plan50.counts() == {FULL: 9, DECODER: 41}
     assert paper.key(plan50) == {"method": "faster_diffusion", "key_calls": [0, 1, 2, 3, 5, 10, 15, 25, 35]}
     assert paper.record(plan50) == {"method": "faster_diffusion", "interval": 4,
-                                    "key_calls": [0, 1, 2, 3, 5, 10, 15, 25, 35]}
+                                    "key_calls": [0, 1, 2, 3, 5, 10, 15, 25, 35],
+                                    "label": "faster_diffusion key_calls=0,1,2,3,5,10,15,25,35"}
     assert hash(paper) == hash(FasterDiffusion(key_calls=(0, 1, 2, 3, 5, 10, 15, 25, 35)))
 
 

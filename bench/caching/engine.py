@@ -38,7 +38,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from bench.caching.method import FULL, CacheError, CacheMethod, Plan, Target
+from bench.caching.method import FULL, CacheError, CacheMethod, Plan, Target, module_view
 from bench.caching.schedules import SCHEDULES, ScheduleError
 from bench.caching.schedules import full_calls as schedule_full_calls
 from bench.core.options import Ablation, Schedule
@@ -254,21 +254,6 @@ def _check_block(block: nn.Module, path: str) -> None:
         raise CacheError(f"{path} pairs {len(block.resnets)} resnets with {len(attentions)} attentions")
 
 
-def _view(module: nn.Module, **children: nn.Module | None) -> nn.Module:
-    """A shallow view of ``module`` with some child modules replaced.
-
-    Shares parameters, buffers and every other child with ``module``; ``module``
-    itself is not modified.
-    """
-    view = type(module).__new__(type(module))
-    view.__dict__.update(module.__dict__)
-    view.__dict__["_modules"] = {**module._modules, **children}
-    view.__dict__.pop("forward", None)
-    for name in children:  # a child that was None is a plain attribute (a U-Net without a mid block)
-        view.__dict__.pop(name, None)
-    return view
-
-
 class _Stored(nn.Module):
     """Stands in for everything deeper than the cached skip: returns the stored tensor."""
 
@@ -350,7 +335,7 @@ class DeepCache:
         elif settings.enabled and settings.schedule == Schedule.nonuniform:
             raise CacheError("the non-uniform schedule needs num_calls (model calls per run)")
         self.state = CacheState(settings, self.skip, num_calls, plan)
-        self._retrieval_unet = self._build_retrieval_view()
+        self._retrieval_unet = self._build_retrievalmodule_view()
         self._handle = None
 
     # -- attach / detach -------------------------------------------------------
@@ -378,7 +363,7 @@ class DeepCache:
         self._stored.tensor = None
 
     # -- the two kinds of call -------------------------------------------------
-    def _build_retrieval_view(self) -> nn.Module:
+    def _build_retrievalmodule_view(self) -> nn.Module:
         unet, s = self.unet, self.skip
         down = []
         if s.down_block is not None:
@@ -391,15 +376,15 @@ class DeepCache:
                 children = {"resnets": nn.ModuleList(block.resnets[keep]), "downsamplers": None}
                 if getattr(block, "attentions", None) is not None:
                     children["attentions"] = nn.ModuleList(block.attentions[keep])
-                down.append(_view(block, **children))
+                down.append(module_view(block, **children))
         block = unet.up_blocks[s.up_block]
         keep = slice(s.up_layer, None)
         children = {"resnets": nn.ModuleList(block.resnets[keep])}
         if getattr(block, "attentions", None) is not None:
             children["attentions"] = nn.ModuleList(block.attentions[keep])
-        up = [_view(block, **children), *unet.up_blocks[s.up_block + 1 :]]
+        up = [module_view(block, **children), *unet.up_blocks[s.up_block + 1 :]]
         self._stored = _Stored()
-        return _view(
+        return module_view(
             unet,
             down_blocks=nn.ModuleList(down),
             mid_block=self._stored,

@@ -52,7 +52,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from bench.caching.method import FULL, CacheError, CacheMethod, Plan, Session, Target, instance_forward, patched
+from bench.caching.method import (FULL, CacheError, CacheMethod, Plan, Session, Target, instance_forward,
+                                  module_view, patched)
 
 DECODER = "decoder"  # a non-key call: time embedding + decoder on the stored encoder features
 SD_DDIM50_KEY_CALLS = (0, 1, 2, 3, 5, 10, 15, 25, 35)  # the public code's '50ls' preset (SD, DDIM 50)
@@ -144,6 +145,13 @@ class FasterDiffusion(CacheMethod):
 
     def key(self, plan: Plan) -> dict[str, Any]:
         return {"method": self.name, "key_calls": plan.full_calls}
+
+    def label(self) -> str:
+        if not self.enabled:
+            return "no cache"
+        if self.key_calls is not None:
+            return f"{self.name} key_calls={','.join(str(i) for i in self.key_calls)}"
+        return f"{self.name} interval={self.interval}"
 
 
 class FasterDiffusionSession(Session):
@@ -246,17 +254,7 @@ def _decoder_view(unet: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
     children: dict[str, nn.Module] = {"conv_in": replays["conv_in"], "down_blocks": nn.ModuleList(replays["down"])}
     if replays["mid"] is not None:
         children["mid_block"] = replays["mid"]
-    return _view(unet, children), replays
-
-
-def _view(module: nn.Module, children: dict[str, nn.Module]) -> nn.Module:
-    """A shallow view of ``module`` with some child modules replaced; ``module`` is untouched
-    and the view shares its parameters, buffers and every other child."""
-    view = type(module).__new__(type(module))
-    view.__dict__.update(module.__dict__)
-    view.__dict__["_modules"] = {**module._modules, **children}
-    view.__dict__.pop("forward", None)
-    return view
+    return module_view(unet, **children), replays
 
 
 def _check_unet(unet: nn.Module) -> None:

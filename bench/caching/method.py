@@ -285,6 +285,21 @@ def patched(modules: Sequence[tuple[nn.Module, Callable[..., Any]]]) -> Iterator
                 m.forward = prev
 
 
+def module_view(module: nn.Module, **children: nn.Module | None) -> nn.Module:
+    """A shallow view of ``module`` with some child modules replaced.
+
+    Shares parameters, buffers and every other child with ``module``; ``module``
+    itself is not modified.
+    """
+    view = type(module).__new__(type(module))
+    view.__dict__.update(module.__dict__)
+    view.__dict__["_modules"] = {**module._modules, **children}
+    view.__dict__.pop("forward", None)
+    for name in children:  # a child that was None is a plain attribute (a U-Net without a mid block)
+        view.__dict__.pop(name, None)
+    return view
+
+
 def half_batch(sample: torch.Tensor) -> int:
     """The size of one guidance half of a guided call's batch."""
     if sample.shape[0] % 2:
