@@ -86,10 +86,10 @@ class CacheSettings(CacheMethod):
 
     # -- the caching-method interface (bench.caching.method) ----------------------------
     name = "deepcache"
-    example_knobs = {"interval": 3, "branch": 2, "schedule": "nonuniform", "center": 4.0, "power": 1.4,
+    example_knobs = {"interval": 2, "branch": 2, "schedule": "nonuniform", "center": 4.0, "power": 1.4,
                      "ablation": "none"}
     noop_knobs = {"interval": 1}
-    other_values = {"interval": 2, "branch": 1, "schedule": "uniform", "center": 6.0, "power": 2.0,
+    other_values = {"interval": 3, "branch": 1, "schedule": "uniform", "center": 2.0, "power": 2.0,
                     "ablation": "zeros"}
 
     @classmethod
