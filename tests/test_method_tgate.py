@@ -146,7 +146,7 @@ def _attn_outputs(unet, x, t, ctx) -> dict:
 def test_stored_is_the_mean_of_the_halves_and_gated_output_is_one_half_with_ca_replaced(unet):
     x, ctx = _inputs()
     m = TGate(gate_step=3)
-    plan, outs, executed, stored = _run(unet, m, calls=5)
+    _, outs, executed, stored = _run(unet, m, calls=5)
     assert executed == [FULL, FULL, GATE, GATED, GATED]
     plain = _plain(unet, 5)
     for i in range(3):  # plain and gate calls are the uncached model's calls
@@ -161,8 +161,9 @@ def test_stored_is_the_mean_of_the_halves_and_gated_output_is_one_half_with_ca_r
     n = x.shape[0] // 2
     saved = {mod: mod.__dict__.get("forward") for mod in ref}
     try:
-        for mod in ref:
-            mod.forward = (lambda v: (lambda *a, **k: v))((lambda o: (o.chunk(2)[0] + o.chunk(2)[1]) / 2)(ref[mod]))
+        for mod, o in ref.items():
+            u, c = o.chunk(2)
+            mod.forward = (lambda v: lambda *a, **k: v)((u + c) / 2)
         with torch.no_grad():
             by_hand = [unet(x[:n], torch.tensor(900 - 100 * i), encoder_hidden_states=ctx[:n]).sample
                        for i in (3, 4)]
@@ -181,7 +182,7 @@ def test_stored_is_the_mean_of_the_halves_and_gated_output_is_one_half_with_ca_r
 def test_unguided_text_model_keeps_the_batch(unet):
     target = Target("text", guided=False)
     x, ctx = _inputs(guided=False)
-    plan, outs, executed, stored = _run(unet, TGate(gate_step=2), target, calls=4, guided=False)
+    _, outs, executed, stored = _run(unet, TGate(gate_step=2), target, calls=4, guided=False)
     assert executed == [FULL, GATE, GATED, GATED]
     ref = _attn_outputs(unet, x, torch.tensor(800), ctx)
     for mod, o in ref.items():
@@ -192,7 +193,7 @@ def test_unguided_text_model_keeps_the_batch(unet):
 def test_noop_settings_are_bit_exact(unet):
     plain = _plain(unet, 4)
     for m in (TGate(gate_step=None), TGate(gate_step=4), TGate(gate_step=40, deepcache_interval=1)):
-        plan, outs, executed, _ = _run(unet, m, calls=4)
+        _, outs, executed, _ = _run(unet, m, calls=4)
         assert executed == [FULL] * 4
         assert all(torch.equal(a, b) for a, b in zip(outs, plain))
     noop = TGate(**{**TGate.example_knobs, **TGate.noop_knobs})
@@ -211,7 +212,7 @@ def test_module_tree_restored(unet):
     assert before == after
     assert all(torch.equal(params[k], params2[k]) for k in params)
     # an instance forward set by someone else is kept
-    marker = lambda *a, **k: type(unet).forward(unet, *a, **k)  # noqa: E731
+    marker = lambda *a, **k: type(unet).forward(unet, *a, **k)
     unet.forward = marker
     try:
         _run(unet, TGate(gate_step=2), calls=3)
@@ -343,3 +344,15 @@ def test_run_py_refuses_an_unconditional_model():
     assert p.returncode != 0
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "cache=tgate" in lines[0], p.stderr
+
+
+def test_example_noop_and_other_values(unet):
+    example = TGate(**TGate.example_knobs)
+    assert example.enabled and set(TGate.other_values) == set(TGate.example_knobs)
+    plain = _plain(unet)
+    _, base, _, _ = _run(unet, example)
+    assert not torch.equal(base[-1], plain[-1])
+    for knob, v in TGate.other_values.items():
+        _, outs, _, _ = _run(unet, TGate(**{**TGate.example_knobs, knob: v}))
+        assert not torch.equal(outs[-1], base[-1]), knob
+    assert not TGate(**{**TGate.example_knobs, **TGate.noop_knobs}).enabled
