@@ -2,15 +2,16 @@
 
 Liu, Zhang et al., "Cross-Attention Makes Inference Cumbersome in Text-to-Image Diffusion
 Models" (arXiv 2404.02747 v1, the T-GATE paper; v2/v3 "Faster Diffusion via Temporal
-Attention Decomposition", TMLR 2025). Paper §3 observes that cross-attention output
+Attention Decomposition", TMLR 2025). The paper observes that cross-attention output
 converges within a few steps: the early *semantics-planning* phase needs the text, the
-later *fidelity-improving* phase does not. §4 (the method) therefore splits sampling at a
-gate step ``m``:
+later *fidelity-improving* phase does not. Its method (T-GATE, v1) therefore splits sampling
+at a gate step ``m`` (section numbers were not checked against the paper text here; the
+facts below were checked against the public code, tags 0.1.1 and 1.0.0):
 
 * **before the gate** every call is a plain call (classifier-free guidance as usual);
 * **at the gate** every cross-attention module runs and its output is stored, averaged
-  over the two guidance halves: ``C = (C_uncond + C_cond) / 2`` (v1 §4, eq. for the cached
-  CA map; the public code's ``keep_shape=False`` cache);
+  over the two guidance halves: ``C = (C_uncond + C_cond) / 2`` (the public code's
+  ``keep_shape=False`` cache);
 * **after the gate** every cross-attention module returns the stored ``C`` without being
   executed, and classifier-free guidance is dropped: the two halves would now be the same
   computation (same latents, cross-attention replaced), so the U-Net runs on one half and
