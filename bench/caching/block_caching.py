@@ -113,9 +113,10 @@ def blocks_of(kind: str, num_blocks: int) -> frozenset[int]:
     """The blocks a call of ``kind`` recomputes (the inverse of :func:`kind_of`)."""
     if kind == FULL:
         return frozenset(range(num_blocks))
-    if not kind.startswith(RECOMPUTE_PREFIX):
-        raise CacheError(f"block_caching has no call of kind {kind!r}: {FULL} or r<hex bitmask>")
-    mask = int(kind[len(RECOMPUTE_PREFIX):], 16)
+    digits = kind[len(RECOMPUTE_PREFIX):]
+    if not kind.startswith(RECOMPUTE_PREFIX) or not digits or any(c not in "0123456789abcdef" for c in digits):
+        raise CacheError(f"{NAME} has no call of kind {kind!r}: {FULL} or r<hex bitmask of the recomputed blocks>")
+    mask = int(digits, 16)
     if mask >> num_blocks:
         raise CacheError(f"block_caching kind {kind!r} names blocks beyond this U-Net's {num_blocks}")
     return frozenset(b for b in range(num_blocks) if mask >> b & 1)
@@ -228,9 +229,9 @@ class BlockCaching(CacheMethod):
     calibration_samples: int = 4
 
     name = NAME
-    example_knobs = {"threshold": 0.2, "calibration_samples": 2}
+    example_knobs = {"threshold": 0.4, "calibration_samples": 2}
     noop_knobs = {"threshold": 0.0}
-    other_values = {"threshold": 0.4, "calibration_samples": 1}
+    other_values = {"threshold": 0.6, "calibration_samples": 1}
 
     def __post_init__(self) -> None:
         t = self.threshold
