@@ -9,9 +9,15 @@ import pytest
 import torch
 from tiny import tiny_unet2d, tiny_unet2d_cond
 
-from bench.caching.block_caching import (BlockCaching, blocks_of, kind_of, measure_changes, recompute_schedule,
-                                         unet_blocks)
-from bench.caching.method import FULL, CacheError, Caching, Plan, Target, UNCACHED_KEY
+from bench.caching.block_caching import (
+    BlockCaching,
+    blocks_of,
+    kind_of,
+    measure_changes,
+    recompute_schedule,
+    unet_blocks,
+)
+from bench.caching.method import FULL, UNCACHED_KEY, CacheError, Caching, Plan, Target
 from bench.cost.macs import count_macs
 
 NUM_CALLS = 5
@@ -237,7 +243,7 @@ def test_another_batch_size_on_a_cached_call_is_a_clear_error():
     unet = tiny_unet2d()
     n = len(unet_blocks(unet))
     plan = Plan((FULL, "r0"), data=tuple(p for p, _ in unet_blocks(unet)))
-    x, kwargs = _inputs(unet, batch=2)
+    x, _ = _inputs(unet, batch=2)
     with torch.inference_mode(), BlockCaching(threshold=0.5).attach(unet, plan, Target()) as session:
         unet(x, torch.tensor(900))
         with pytest.raises(RuntimeError, match="batch size 1 .* have 2"):

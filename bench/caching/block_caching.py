@@ -53,7 +53,16 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from bench.caching.method import FULL, CacheError, CacheMethod, Plan, Session, Target, instance_forward, patched
+from bench.caching.method import (
+    FULL,
+    CacheError,
+    CacheMethod,
+    Plan,
+    Session,
+    Target,
+    instance_forward,
+    patched,
+)
 
 NAME = "block_caching"
 RECOMPUTE_PREFIX = "r"
