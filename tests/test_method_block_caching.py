@@ -131,7 +131,8 @@ def test_plan_from_calibration(make):
     assert 0 < plan.detail["recomputed_fraction"] < 1
     assert method.key(plan) == {"method": "block_caching", "threshold": 0.3, "calibration_samples": 2,
                                 "kinds": list(plan.kinds)}
-    assert method.record(plan) == {"method": "block_caching", "threshold": 0.3, "calibration_samples": 2}
+    assert method.record(plan) == {"method": "block_caching", "label": "block_caching threshold=0.3 calibration_samples=2",
+                                   "threshold": 0.3, "calibration_samples": 2}
     assert not unet._forward_pre_hooks and not any(m._forward_hooks for m in unet.modules())
     with pytest.raises(CacheError, match="calibrat"):
         method.plan(unet, NUM_CALLS, Target(), None)
