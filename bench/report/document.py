@@ -38,7 +38,7 @@ from bench.report.jobs import PlannedJob, planned_jobs
 from bench.report.provenance import Command, Provenance, Records, mixed, provenance, sweep_command
 from bench.report.records import git_commit
 from bench.report.sweep import SweepTables, write_tables
-from bench.report.table import SETTING_COLUMNS, fmt, load_records
+from bench.report.table import DEEPCACHE, NO_CACHE, SETTING_COLUMNS, fmt, load_records
 from metrics.files import atomic_write_bytes
 
 MD_NAME = "report.md"
@@ -48,8 +48,10 @@ TEX_NAME = "report.tex"
 SHOWN = {
     "macs_g": "MACs (G)", "throughput": "Throughput (img/s)", "speedup": "Speed-up", "fid": "FID",
     "sfid": "sFID", "is_mean": "IS", "precision": "Precision", "recall": "Recall", "clip_score": "CLIP score",
+    "psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS",
 }
-ROW_KEYS = ("schedule", "interval", "branch")  # always shown: they say which row is which
+# always shown (where the table has them): they say which row is which
+ROW_KEYS = ("schedule", "interval", "branch", "method", "setting")
 
 
 @dataclass
@@ -147,7 +149,9 @@ def row_label(row: dict[str, Any]) -> str:
     """Which row: its job and the settings that tell it from the others."""
     row = {k: _clean(v) for k, v in row.items()}
     bits = [f"job {row.get('job')}"]
-    if row.get("schedule") == "none":
+    if row.get("method") not in (None, DEEPCACHE, NO_CACHE):
+        bits.append(str(row.get("setting") or row["method"]))
+    elif row.get("schedule") == "none":
         bits.append("no cache")
     elif row.get("schedule") is not None:
         what = f"{row['schedule']} N={fmt(row.get('interval'))}"

@@ -586,15 +586,16 @@ def plot(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any], p
 
     axes_plan = []  # (plot, [(source, frame, style)])
     for p in spec.get("plots") or []:
-        mine, theirs = has(ours, p), has(paper_num, p)
+        ours_p = _where(ours, p.get("where") or {})
+        mine, theirs = has(ours_p, p), has(paper_num, p) and not p.get("where")
         if not (mine or theirs):
             continue
         shared = p["x"] not in incomparable and p["y"] not in incomparable
         if mine and theirs and shared:
-            axes_plan.append((p, [("ours", ours, "-o"), ("paper", paper_num, "--x")]))
+            axes_plan.append((p, [("ours", ours_p, "-o"), ("paper", paper_num, "--x")]))
         else:
             if mine:
-                axes_plan.append((p, [("ours", ours, "-o")]))
+                axes_plan.append((p, [("ours", ours_p, "-o")]))
             if theirs:
                 axes_plan.append((p, [("paper", paper_num, "--x")]))
     if not axes_plan:
@@ -647,8 +648,16 @@ def plot(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any], p
                     # the 95 % interval: a speed-up's (bench.cost.timing), a quality metric's (metrics.bootstrap)
                     ax.errorbar(g[p["x"]], g[p["y"]], yerr=[g[p["y"]] - g[low], g[high] - g[p["y"]]],
                                 fmt="none", ecolor=color, capsize=2, alpha=0.7)
+        if p.get("front"):
+            ours_p = next(df for source, df, _ in sources if source == "ours")
+            xs, ys = pareto_front(pd.to_numeric(ours_p[p["x"]], errors="coerce"),
+                                  pd.to_numeric(ours_p[p["y"]], errors="coerce"), p["front"])
+            if len(xs) > 1:
+                ax.plot(xs, ys, ":", color="grey", linewidth=2.5, alpha=0.6, label="Pareto front", zorder=0)
         only = {s for s, _, _ in sources}
         what = f"{labels.get(p['y'], p['y'])} vs {labels.get(p['x'], p['x'])}"
+        if p.get("where"):
+            what += " (" + ", ".join(f"{v}" for v in p["where"].values()) + ")"
         title = p.get("title") or what
         if only == {"paper"}:
             title += "\nthe paper's (its model, protocol and GPU)"
@@ -664,6 +673,34 @@ def plot(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any], p
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return path
+
+
+def _where(df: pd.DataFrame | None, where: dict[str, Any]) -> pd.DataFrame | None:
+    """The rows of ``df`` whose columns equal ``where``'s values."""
+    if df is None or not where:
+        return df
+    keep = pd.Series(True, index=df.index)
+    for col, want in where.items():
+        keep &= df[col].map(_key).eq(_key(want)) if col in df else False
+    return df[keep]
+
+
+def pareto_front(x: pd.Series, y: pd.Series, better: str) -> tuple[list[float], list[float]]:
+    """The points no other point beats on both axes -- a larger ``x`` (a speed-up) and a ``y``
+    that is lower (``better="min"``: FID, LPIPS) or higher (``"max"``: PSNR, SSIM) -- in
+    increasing ``x``."""
+    if better not in ("min", "max"):
+        raise ValueError(f"plots[].front={better!r} is not one of min, max")
+    sign = 1.0 if better == "min" else -1.0
+    points = sorted(((float(a), sign * float(b)) for a, b in zip(x, y) if pd.notna(a) and pd.notna(b)),
+                    key=lambda t: (-t[0], t[1]))
+    front, best = [], math.inf
+    for a, b in points:  # from the fastest down: keep a point better than every faster one
+        if b < best:
+            front.append((a, b))
+            best = b
+    front.reverse()
+    return [a for a, _ in front], [sign * b for _, b in front]
 
 
 def render(sweep_dir: str | Path, spec: dict[str, Any] | None = None) -> list[Path]:

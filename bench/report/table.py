@@ -34,8 +34,8 @@ TABLE_NAME = "table.csv"
 
 # what identifies a row (settings), in this order; measurements follow
 SETTING_COLUMNS = [
-    "model", "prompts", "weights", "sampler", "steps", "model_calls", "method", "setting", "schedule", "interval",
-    "branch", "center", "power", "ablation", "seed", "num_samples",
+    "model", "prompts", "weights", "sampler", "steps", "model_calls", "schedule", "interval", "branch", "center",
+    "power", "ablation", "method", "setting", "seed", "num_samples",
 ]
 # a record's cache keys that are not a method's knob columns
 _NOT_KNOBS = {"method", "label", "skip_producer", "skip_consumer", *SETTING_COLUMNS}
@@ -57,9 +57,9 @@ def _settings_row(rec: dict[str, Any], cache: dict[str, Any], arm: dict[str, Any
         "sampler": s["sampler"]["name"],
         "steps": arm.get("steps", s["sampler"]["steps"]),
         "model_calls": arm.get("num_model_calls", rec.get("num_model_calls")),
-        "schedule": cache["schedule"],
-        "interval": cache["interval"],
-        "branch": cache["branch"],
+        "schedule": cache.get("schedule"),
+        "interval": cache.get("interval"),
+        "branch": cache.get("branch"),
         "center": cache.get("center"),
         "power": cache.get("power"),
         # an ablation (main paper Table 5) only: tables of ordinary runs keep their columns

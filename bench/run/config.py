@@ -183,6 +183,9 @@ class PlotSpec:
     y: str = MISSING
     series: list[str] = field(default_factory=list)
     title: Optional[str] = None
+    where: dict[str, Any] = field(default_factory=dict)  # our rows this plot shows (e.g. {model: digits})
+    # min | max: which y is better; draws the Pareto front of our points (larger x is better)
+    front: Optional[str] = None
 
 
 @dataclass
