@@ -162,7 +162,8 @@ def composition_error(e: BaseException) -> str:
             from bench.run.validate import schema_keys
 
             parent = full_key.rpartition(".")[0]
-            valid = schema_keys(parent)
+            node = getattr(cause, "parent_node", None)  # a group without a schema (a caching method): its keys
+            valid = schema_keys(parent) or [str(k) for k in getattr(node, "keys", list)() if not str(k).startswith("_")]
             if valid:
                 head.append(f"valid settings{' of ' + parent if parent else ''}: {', '.join(valid)}")
     return "; ".join(" ".join(ln.split()).rstrip(".") for ln in head) or type(e).__name__

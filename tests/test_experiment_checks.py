@@ -76,12 +76,14 @@ def test_every_point_of_every_paper_table_passes_the_checks(experiment, stand_in
         base = [f"experiment={experiment}", *job]
         cfg = _compose(base)
         extra = []
-        if cfg.model.weights == "pretrained":
-            extra.append(f"model.pretrained={root}/weights")
-        if cfg.model.conditioning == "text":
+        if cfg.model.weights == "pretrained" and (OmegaConf.is_missing(cfg.model, "pretrained")
+                                                  or not Path(str(cfg.model.pretrained)).is_dir()):
+            extra.append(f"model.pretrained={root}/weights")  # the embedded model ships its own
+        prompted = cfg.model.conditioning == "text" and cfg.run.mode != "cost"  # cost runs need no prompts
+        if prompted:
             extra.append(f"run.prompts.source={prompt_files[cfg.run.prompts.name]}")
         cfg = _compose(base + extra)
-        if cfg.model.conditioning == "text":
+        if prompted:
             assert cfg.run.num_samples == SIZES[cfg.run.prompts.name], "each prompt set is scored whole"
         check(cfg)
         checked += 1

@@ -133,7 +133,7 @@ def test_store_key_tracks_labels_and_guidance(tiny):
         cfg = _cfg(root, *extra)
         p = Prepared(resolve(cfg))
         pipe = ClassToImage(p.parts.model, p.parts.inputs, "cpu", torch.float32)
-        return p.store(p.settings, p.full_calls, pipe, baseline=False).dir
+        return p.store(p.caching, pipe, baseline=False).dir
 
     base = digest()
     others = [digest("run.labels.mode=per_class", "run.labels.per_class=1"),

@@ -79,9 +79,10 @@ def test_pareto_front_against_a_hand_computed_one():
         pareto_front(x, psnr, "best")
 
 
-def test_plot_rows_are_picked_by_where():
+def test__where_are_picked_by_where():
     df = pd.DataFrame({"model": ["digits", "sd15", "digits"], "x": [1, 2, 3]})
     assert list(_where(df, {"model": "digits"})["x"]) == [1, 3]
+    assert list(_where(df, {"model": ["digits", "sd15"]})["x"]) == [1, 2, 3]
     assert _where(df, {"nope": 1}).empty and _where(df, {}) is df
 
 

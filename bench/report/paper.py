@@ -586,7 +586,7 @@ def plot(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any], p
 
     axes_plan = []  # (plot, [(source, frame, style)])
     for p in spec.get("plots") or []:
-        ours_p = _where(ours, p.get("where") or {})
+        ours_p = _where(ours, p.get("where")) if ours is not None else None
         mine, theirs = has(ours_p, p), has(paper_num, p) and not p.get("where")
         if not (mine or theirs):
             continue
@@ -673,16 +673,6 @@ def plot(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any], p
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return path
-
-
-def _where(df: pd.DataFrame | None, where: dict[str, Any]) -> pd.DataFrame | None:
-    """The rows of ``df`` whose columns equal ``where``'s values."""
-    if df is None or not where:
-        return df
-    keep = pd.Series(True, index=df.index)
-    for col, want in where.items():
-        keep &= df[col].map(_key).eq(_key(want)) if col in df else False
-    return df[keep]
 
 
 def pareto_front(x: pd.Series, y: pd.Series, better: str) -> tuple[list[float], list[float]]:
