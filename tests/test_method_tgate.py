@@ -97,7 +97,7 @@ def test_key_and_record():
     plan = m.plan(None, 6, TEXT)
     assert m.key(plan) == {"method": "tgate", "gate_step": 4, "deepcache_interval": 2, "deepcache_branch": 1,
                            "kinds": list(plan.kinds)}
-    assert m.record(plan) == {"method": "tgate", "label": "tgate gate_step=4 deepcache_interval=2 deepcache_branch=1",
+    assert m.record(plan) == {"method": "tgate", "label": "tgate gate_step=4 + deepcache N=2 branch 1",
                               "gate_step": 4, "deepcache_interval": 2, "deepcache_branch": 1}
     off = TGate(gate_step=None)
     assert Caching(off, off.plan(None, 6, TEXT), TEXT).key() == UNCACHED_KEY

@@ -36,7 +36,8 @@ def test_a_sweep_over_methods_names_each_rows_method_setting_and_knobs(tmp_path)
     _record(tmp_path / "2", FD, {"macs_g": 0.7, "speedup": 1.3, "fid": 4.5}, "bench.caching.faster_diffusion.X")
     df = build_table(tmp_path)
     assert list(df["method"]) == ["none", "deepcache", "tgate", "faster_diffusion"]  # one shared baseline
-    assert list(df["setting"]) == ["no cache", "uniform N=5 branch 1", TGATE["label"], FD["label"]]
+    assert list(df["setting"]) == ["no cache", "uniform N=5 branch 1", "gate_step=10 deepcache_interval=1 deepcache_branch=1",
+                                   "key_calls=0,1,5"]  # the method column names the method
     assert df.loc[2, "gate_step"] == 10 and df.loc[3, "key_calls"] == "0 1 5"
     cols = list(df.columns)  # the methods' knobs are settings: before the seed, not among the measurements
     assert cols.index("setting") < cols.index("gate_step") < cols.index("seed") < cols.index("macs_g")

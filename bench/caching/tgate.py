@@ -185,6 +185,14 @@ class TGate(CacheMethod):
         return {"method": self.name, "gate_step": self.gate_step, "deepcache_interval": self.deepcache_interval,
                 "deepcache_branch": self.deepcache_branch, "kinds": list(plan.kinds)}
 
+    def label(self) -> str:
+        if not self.enabled:
+            return "no cache"
+        what = self.name if self.gate_step is None else f"{self.name} gate_step={self.gate_step}"
+        if self.deepcache_interval > 1:
+            what += f" + deepcache N={self.deepcache_interval} branch {self.deepcache_branch}"
+        return what
+
 
 class TGateSession(Session):
     """The attached method: the kind of each call, the stored cross-attention outputs and

@@ -37,11 +37,12 @@ from metrics.files import atomic_write, atomic_write_bytes
 
 AUX = ("_pm", "_low", "_high", "_paper", "_delta")  # the columns beside a value in a merged table
 TIMING_COLUMNS = {"throughput", "throughput_baseline", "speedup", "speedup_low", "speedup_high", "speedup_pm"}
-QUALITY_COLUMNS = {"fid", "sfid", "is_mean", "precision", "recall", "clip_score"}
+QUALITY_COLUMNS = {"fid", "sfid", "is_mean", "precision", "recall", "clip_score", "psnr", "ssim", "lpips"}
 PAPER_DEVICE = "one RTX 2080"
 EMPTY = "—"
 CELLS = ("Cells: ours (the paper's; ours − the paper's) where the two are comparable, else ours (the paper's); "
          "the paper's numbers as printed.")
+OURS_CELLS = "Cells: ours; ± a speed-up's or a quality metric's 95 % interval."
 
 
 def _paper_dirs() -> list[Path]:
@@ -420,6 +421,8 @@ def notes(spec: dict[str, Any], ours: pd.DataFrame, records: list[tuple[str, dic
     out = []
     comparable = [labels.get(v, v) for v in values if v not in incomparable and (
         v.startswith("macs") or v in (spec.get("comparable") or []))]
+    if not spec.get("paper"):  # a table of ours alone (experiment=methods): nothing to compare with
+        comparable, incomparable = [], {}
     if comparable:
         out.append("Comparable with the paper on any machine: " + ", ".join(comparable) + ".")
     reasons: dict[str, list[str]] = {}
@@ -532,7 +535,7 @@ def _display(df: pd.DataFrame, spec: dict[str, Any]) -> pd.DataFrame:
 
 
 def to_markdown(table: pd.DataFrame, spec: dict[str, Any], note_lines: list[str]) -> str:
-    lines = [f"### {spec.get('title') or spec['name']}", "", CELLS, "",
+    lines = [f"### {spec.get('title') or spec['name']}", "", CELLS if spec.get("paper") else OURS_CELLS, "",
              _display(table, spec).to_markdown(index=False, disable_numparse=True), ""]
     lines += [f"- {n}" for n in note_lines]
     return "\n".join(lines) + "\n"

@@ -182,7 +182,11 @@ def build_table(sweep_dir: str | Path) -> pd.DataFrame:
         base = df["schedule"].eq(Schedule.none.value)
         df["method"] = df["method"].where(df["method"].notna(), base.map({True: NO_CACHE, False: DEEPCACHE}))
         labels = [deepcache_label(r) for r in df.to_dict("records")]
-        df["setting"] = df["setting"].fillna(pd.Series(labels, index=df.index)) if "setting" in df else labels
+        labels = pd.Series(labels, index=df.index)
+        if "setting" in df:  # a method's label without its name (the method column has it)
+            own = [s.removeprefix(f"{m} ") if isinstance(s, str) else s for s, m in zip(df["setting"], df["method"])]
+            labels = pd.Series(own, index=df.index).fillna(labels)
+        df["setting"] = labels
     # measurements in the order a cached run's record lists them (a baseline has fewer)
     caches = [c for rec in records.values() for c in (rec.get("cache"), (rec.get("settings") or {}).get("cache"))
               if isinstance(c, dict)]
