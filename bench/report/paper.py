@@ -628,9 +628,9 @@ def plot(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any], p
     for ax in axes.flat[len(axes_plan):]:
         ax.set_visible(False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names: dict[tuple, int] = {}  # a series keeps its colour in every panel
     for ax, (p, sources) in zip(axes.flat, axes_plan):
         series = list(p.get("series") or [])
-        names: dict[tuple, int] = {}
         for source, df, style in sources:
             df = df.copy()
             for c in (p["x"], p["y"]):
@@ -671,7 +671,8 @@ def plot(ours: pd.DataFrame, paper: pd.DataFrame | None, spec: dict[str, Any], p
         ax.set_ylabel(axis(p["y"], only))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{_ours_caption(ours, records)}\npaper: {spec.get('title') or spec['name']}", fontsize=8)
+    title = spec.get("title") or spec["name"]
+    fig.suptitle(f"{_ours_caption(ours, records)}\n{'paper: ' if spec.get('paper') else ''}{title}", fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
