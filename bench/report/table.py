@@ -241,7 +241,8 @@ def fmt(x: Any, digits: int = 4) -> str:
 def format_row(row: dict[str, Any]) -> str:
     """One run in one line: what ran, speed-up ± spread, MACs, quality."""
     if row.get("method") not in (None, DEEPCACHE, NO_CACHE):
-        what = row.get("setting") or row.get("label") or row["method"]
+        label = str(row.get("label") or row.get("setting") or "")
+        what = label if label.startswith(row["method"]) else f"{row['method']} {label}".strip()
     else:
         what = deepcache_label(row)
     if row.get("steps") is not None:
