@@ -421,7 +421,7 @@ def notes(spec: dict[str, Any], ours: pd.DataFrame, records: list[tuple[str, dic
     out = []
     comparable = [labels.get(v, v) for v in values if v not in incomparable and (
         v.startswith("macs") or v in (spec.get("comparable") or []))]
-    if not spec.get("paper"):  # a table of ours alone (experiment=methods): nothing to compare with
+    if not (spec.get("paper") or spec.get("paper_protocol")):  # ours alone (experiment=methods): nothing to compare
         comparable, incomparable = [], {}
     if comparable:
         out.append("Comparable with the paper on any machine: " + ", ".join(comparable) + ".")
@@ -535,7 +535,8 @@ def _display(df: pd.DataFrame, spec: dict[str, Any]) -> pd.DataFrame:
 
 
 def to_markdown(table: pd.DataFrame, spec: dict[str, Any], note_lines: list[str]) -> str:
-    lines = [f"### {spec.get('title') or spec['name']}", "", CELLS if spec.get("paper") else OURS_CELLS, "",
+    cells = CELLS if any(str(c).endswith("_paper") for c in table.columns) else OURS_CELLS
+    lines = [f"### {spec.get('title') or spec['name']}", "", cells, "",
              _display(table, spec).to_markdown(index=False, disable_numparse=True), ""]
     lines += [f"- {n}" for n in note_lines]
     return "\n".join(lines) + "\n"
