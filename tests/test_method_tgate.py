@@ -308,7 +308,6 @@ def test_summary_row_of_a_tgate_record():
 
 @pytest.mark.integration
 def test_end_to_end_on_tiny_sd(tmp_path, monkeypatch):
-    from bench.run import runner
     from bench.run.runner import run
 
     pipe = tiny_sd_pipeline(tmp_path / "build")

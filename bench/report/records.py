@@ -55,16 +55,6 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def cache_section(settings: Any) -> dict[str, Any]:
-    """The resolved cache settings of a record: ``center`` and ``power`` only where they
-    apply (the non-uniform schedule), null otherwise -- never a given value that changed
-    nothing."""
-    section = dict(vars(settings))
-    if section.get("schedule") != "nonuniform":
-        section["center"] = section["power"] = None
-    return section
-
-
 def environment(device: str) -> dict[str, Any]:
     """Versions, git commit and hardware that produced a result; ``packages`` maps each of
     :data:`PACKAGES` to its installed version (None when it is not installed)."""

@@ -36,7 +36,7 @@ from bench.core.options import Mode, Output, Schedule, Timing, value
 from bench.cost import measure
 from bench.models import loading as models
 from bench.models.pipelines import Pixels
-from bench.report.records import cache_section, environment, write_record
+from bench.report.records import environment, write_record
 from bench.report.table import format_row
 from bench.run import distributed, validate
 from bench.run.parts import Parts, resolve
