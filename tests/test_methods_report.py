@@ -100,3 +100,34 @@ def test_a_methods_table_renders_with_its_pareto_plot(tmp_path):
     assert {p.suffix for p in written} == {".csv", ".md", ".tex", ".png"}
     table = pd.read_csv(tmp_path / "methods.csv")
     assert set(table["Setting"] if "Setting" in table else table["setting"]) >= {"fd a", "fd b", "uniform N=5 branch 1"}
+
+
+@pytest.mark.integration
+def test_the_methods_experiment_runs_and_renders_on_the_embedded_model(tmp_path):
+    """``experiment=methods``'s own grids on the digits model (shrunk), then its table and plots."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from bench.cli import register
+    from bench.run.runner import run
+    from bench.run.sweeper import job_overrides
+    from harness import ROOT, compose_cfg
+
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        sweeper = compose("config", overrides=["experiment=methods"], return_hydra_config=True).hydra.sweeper
+    grids = [g for g in OmegaConf.to_container(sweeper.grids) if g["model"] == "digits"]
+    assert {g["cache"] for g in grids} == {"deepcache", "faster_diffusion", "block_caching"}
+    shrunk = ["sampler.steps=10", "run.num_samples=8", "run.batch_size=8", "quality.is_split_size=8",
+              "run.timing=off", "run.progress=false", f"run.store_dir={tmp_path}/store",
+              f"metrics.cache_dir={tmp_path}/metrics", "metrics.fidelity=[psnr,ssim]"]
+    jobs = job_overrides(None, grids, shrunk)
+    assert len(jobs) == 12
+    for i, job in enumerate(jobs):
+        run(compose_cfg("experiment=methods", *job), tmp_path / "sweep" / str(i))
+    written = render(tmp_path / "sweep")
+    assert {p.name for p in written} == {"methods.csv", "methods.md", "methods.tex", "methods.png"}
+    table = pd.read_csv(tmp_path / "sweep" / "methods.csv", dtype=str, keep_default_na=False)
+    assert set(table["method"]) == {"none", "deepcache", "faster_diffusion", "block_caching"}
+    assert (table.loc[table["method"] != "none", "psnr"] != "").all()
+    assert "| block_caching " in (tmp_path / "sweep" / "methods.md").read_text()
