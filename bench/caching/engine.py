@@ -146,6 +146,10 @@ class CacheSettings(CacheMethod):
         with deepcache(unet, self, num_calls=plan.num_calls) as state:
             yield state
 
+    def macs_key(self) -> Any:
+        """A full call and a retrieval call cost the same whatever the schedule: only the branch counts."""
+        return (self.name, self.branch)
+
     def key(self, plan: Plan) -> dict[str, Any]:
         """``branch`` and the planned full calls (and an ablation, only when there is one: the
         keys of existing stores stay as they were)."""

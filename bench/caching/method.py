@@ -193,6 +193,11 @@ class CacheMethod(ABC):
     def attach(self, unet: nn.Module, plan: Plan, target: Target) -> contextlib.AbstractContextManager[Session]:
         """Attach to ``unet`` for the duration of a ``with`` block; yields the session."""
 
+    def macs_key(self) -> Any:
+        """What the MACs of a call of each kind depend on, besides the architecture (a sweep
+        counts them once per value): by default every knob."""
+        return self
+
     @abstractmethod
     def key(self, plan: Plan) -> dict[str, Any]:
         """The image store key's ``cache`` part: what changes the images (when enabled)."""

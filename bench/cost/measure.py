@@ -79,16 +79,16 @@ def call_macs(loaded: LoadedModel, model: ModelSpec, caching: Caching) -> dict[s
     config = json.dumps(dict(unet.config), sort_keys=True, default=str)
     kinds = tuple(caching.plan.distinct()) if caching.enabled else (FULL,)
     method = caching.method if caching.enabled else None
-    key = (type(unet), config, tuple(loaded.sample_shape), model.conditioning, int(model.context_tokens), method,
-           caching.plan.kinds if method is not None else None, caching.target)
+    arch = (type(unet), config, tuple(loaded.sample_shape), model.conditioning, int(model.context_tokens))
+    key = (*arch, None if method is None else method.macs_key(), kinds, caching.target)
     if key not in _MACS:
         if len(_MACS) >= 64:
             _MACS.pop(next(iter(_MACS)))
-        _MACS[key] = _call_macs(*key[:6], caching.plan, caching.target, kinds)
+        _MACS[key] = _call_macs(*arch, method, caching.plan, caching.target, kinds)
     return dict(_MACS[key])
 
 
-_MACS: dict[tuple, tuple[tuple[str, macs.MacCount], ...]] = {}  # a sweep counts each (architecture, method) once
+_MACS: dict[tuple, tuple[tuple[str, macs.MacCount], ...]] = {}  # a sweep counts each (architecture, kinds' cost) once
 
 
 def _call_macs(cls: type, config: str, sample_shape: tuple[int, ...], conditioning: str, context_tokens: int,
