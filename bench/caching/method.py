@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
@@ -80,10 +81,8 @@ class Plan:
         return list(dict.fromkeys(self.kinds))
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for k in self.kinds:
-            out[k] = out.get(k, 0) + 1
-        return out
+        """Calls of each kind, in order of first appearance."""
+        return dict(Counter(self.kinds))
 
     @property
     def full_calls(self) -> list[int]:

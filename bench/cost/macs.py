@@ -45,7 +45,7 @@ second) as well as on CPU / CUDA with real or random weights.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -343,9 +343,7 @@ def plan_average(per_kind: Mapping[str, MacCount], kinds: Sequence[str]) -> MacC
     count per kind (DeepCache: :func:`average_macs`)."""
     if not kinds:
         raise ValueError("num_calls must be positive")
-    n: dict[str, int] = {}
-    for k in kinds:
-        n[k] = n.get(k, 0) + 1
+    n = Counter(kinds)
     missing = sorted(set(n) - set(per_kind))
     if missing:
         raise ValueError(f"no MAC count for calls of kind {missing[0]!r}")

@@ -168,9 +168,6 @@ def _noise(loaded: LoadedModel, seed: int, batch: int) -> tuple[list[torch.Gener
     return gens, sampling.initial_noise(gens, loaded.sample_shape, p.device, p.dtype)
 
 
-_inputs = random_inputs
-
-
 def _model_inputs(noise: torch.Tensor, cond: dict, uncond: dict | None) -> tuple[torch.Tensor, dict]:
     """The U-Net's input of one call: with guidance, the unconditional and conditional halves as one batch."""
     if uncond is None:
@@ -182,7 +179,7 @@ def loop_fn(loaded: LoadedModel, model: ModelSpec, sampler: SamplerSpec, caching
             seed: int = 0) -> Callable[[], torch.Tensor]:
     """One whole denoising loop of ``batch`` samples with ``caching`` attached; inputs prepared outside."""
     unet = loaded.unet
-    gens, noise, cond, uncond = _inputs(loaded, model, seed, batch)
+    gens, noise, cond, uncond = random_inputs(loaded, model, seed, batch)
 
     def run() -> torch.Tensor:
         scheduler = sampling.build_scheduler(sampler, loaded.scheduler_config)
@@ -202,7 +199,7 @@ def resolve_method(loaded: LoadedModel, model: ModelSpec, spec: TimingSpec, num_
         return method
     if torch.device(spec.device).type == "cuda":
         return Timing.loop.value
-    gens, noise, cond, uncond = _inputs(loaded, model, spec.seed, spec.batch_size)
+    gens, noise, cond, uncond = random_inputs(loaded, model, spec.seed, spec.batch_size)
     x, kwargs = _model_inputs(noise, cond, uncond)
     t = torch.tensor(500, device=noise.device)
     with torch.inference_mode():
@@ -355,7 +352,7 @@ def _call_variants(loaded: LoadedModel, model: ModelSpec, sampler: SamplerSpec, 
     kind forced; ``full_call`` always) and one scheduler-only loop. A call of another kind
     reads what the last call of the plan's first kind stored, which the timing runs first."""
     unet = loaded.unet
-    _, noise, cond, uncond = _inputs(loaded, model, seed, batch)
+    _, noise, cond, uncond = random_inputs(loaded, model, seed, batch)
     x, kwargs = _model_inputs(noise, cond, uncond)
     t = torch.tensor(500, device=noise.device)
 

@@ -61,7 +61,7 @@ def cache_settings(c: Any, m: Any, prompt_set: str | None = None) -> CacheMethod
     knobs = dict(_plain(c))
     target = knobs.pop("_target_", None)
     if not target:
-        raise HarnessError("cache has no _target_: give a caching method, cache=" + "|".join(_cache_options()))
+        raise HarnessError("cache has no _target_: give a caching method, cache=" + "|".join(group_options("cache")))
     try:
         cls = get_class(str(target))
     except (ImportError, AttributeError, ValueError) as e:
@@ -76,13 +76,13 @@ def cache_settings(c: Any, m: Any, prompt_set: str | None = None) -> CacheMethod
         raise HarnessError(f"cache={cls.name}: {one_line(e)}") from None
 
 
-def _cache_options() -> list[str]:
-    """The names of the ``cache`` config group (``conf/cache/*.yaml``)."""
+def group_options(group: str) -> list[str]:
+    """The names of a config group (``conf/<group>/*.yaml``), for one-line errors."""
     from hydra.core.global_hydra import GlobalHydra
 
     if GlobalHydra.instance().is_initialized():
-        return sorted(GlobalHydra.instance().config_loader().get_group_options("cache"))
-    return ["<a conf/cache/*.yaml>"]
+        return sorted(GlobalHydra.instance().config_loader().get_group_options(group))
+    return [f"<a conf/{group}/*.yaml>"]
 
 
 def target(model: ModelSpec) -> Target:

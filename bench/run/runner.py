@@ -39,7 +39,7 @@ from bench.models.pipelines import Pixels
 from bench.report.records import environment, write_record
 from bench.report.table import format_row
 from bench.run import distributed, validate
-from bench.run.parts import Parts, resolve
+from bench.run.parts import Parts, group_options, resolve
 from bench.sampling import generate
 from bench.sampling import loop as sampling
 from bench.sampling.store import ImageStore
@@ -265,7 +265,7 @@ def quality_evaluator(cfg: Any, parts: Parts) -> _Scoring:
     asked whether it can score ``run.num_samples`` images before anything is generated."""
     if not cfg.quality:
         raise HarnessError(
-            f"model {parts.model.name} has no quality config (quality={'|'.join(_quality_options())}); "
+            f"model {parts.model.name} has no quality config (quality={'|'.join(group_options('quality'))}); "
             "use run.mode=generate or run.mode=cost"
         )
     evaluator = _evaluator(cfg, parts)
@@ -274,15 +274,6 @@ def quality_evaluator(cfg: Any, parts: Parts) -> _Scoring:
     except ValueError as e:
         raise HarnessError(f"run.num_samples={parts.num_samples} cannot be scored: {one_line(e)}") from None
     return _Scoring(evaluator)
-
-
-def _quality_options() -> list[str]:
-    """The names of the ``quality`` config group (``conf/quality/*.yaml``)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        return sorted(GlobalHydra.instance().config_loader().get_group_options("quality"))
-    return ["<a conf/quality/*.yaml>"]
 
 
 _LAST_EVALUATOR: dict[str, Any] = {}
